@@ -1,0 +1,325 @@
+"""The sampling engine over a causal language model, with a KV cache.
+
+One step loop (not ``generate()``): forward the pending tokens, run the processors, softmax,
+pick, record. Attention rows come from the registered row-only attention function
+(``attention.py``), so asking for them costs one row per head per layer, not a slow path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from sampler_core.engine.attention import recorder_for
+from sampler_core.engine.base import Event, FairLock
+from sampler_core.engine.models import LoadedModel
+from sampler_core.engine.processors import LogitsProcessor, build_chain
+from sampler_core.errors import ContextOverflow, InvalidInput, InvalidSettings
+from sampler_core.inputs import ImagePart, PromptPart, TextPart, TokenIdsPart
+from sampler_core.settings import InputToken, SampleSettings
+from sampler_core.tokens import AttentionDetail, FinishReason, RunSummary, Token, TokenType
+
+#: The SentencePiece word-start marker the xAI SDK's ``augment_tokens`` prepends.
+SENTENCEPIECE_MARKER = "\u2581"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated run: prompt ids, settings and what the settings resolved to."""
+
+    prompt_ids: tuple[int, ...]
+    settings: SampleSettings
+    stop_ids: dict[int, str]
+    chain: LogitsProcessor
+    notes: tuple[str, ...]
+
+
+class CausalLMGeneration:
+    """A started run; iterate it for events (Tokens, then one RunSummary)."""
+
+    def __init__(self, engine: "CausalLMEngine", plan: Plan,
+                 cancelled: Callable[[], bool] | None) -> None:
+        self.plan = plan
+        self.prompt_ids = plan.prompt_ids
+        self.notes = plan.notes
+        self._events = engine._run(plan, cancelled or (lambda: False))
+
+    def __iter__(self) -> Iterator[Event]:
+        return self._events
+
+    def close(self) -> None:
+        """Stop the run early; no further model work is done for it."""
+        self._events.close()
+
+
+class CausalLMEngine:
+    """A loaded causal LM that tokenises and samples with full per-token instrumentation."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.name = loaded.name
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        config = self.model.config
+        self.num_layers: int = config.num_hidden_layers
+        self.num_heads: int = config.num_attention_heads
+        self.context_window: int = int(getattr(config, "max_position_embeddings", 2048))
+        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0])
+        self.eos_id: int | None = self.tokenizer.eos_token_id
+        self._vocab: dict[str, int] = self.tokenizer.get_vocab()
+        self._pieces: dict[int, str] = {}
+        self._word_marker = self._detect_word_marker()
+        self._steps = FairLock()
+        self._recorder = recorder_for(config)
+
+    # ----- tokenizer -------------------------------------------------------------------------
+
+    def _detect_word_marker(self) -> str:
+        """How this tokenizer marks a word start: 'Ġ' (byte-level BPE), '▁' or ' '."""
+        ids = self.tokenizer.encode(" hello", add_special_tokens=False)
+        piece = self.tokenizer.convert_ids_to_tokens(ids[-1])
+        return piece[: -len("hello")] if piece.endswith("hello") and piece != "hello" else " "
+
+    def piece(self, token_id: int) -> str:
+        """A token's text (decoded; a lone byte of a multi-byte character shows as U+FFFD)."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._pieces[token_id] = text
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids, no special tokens added."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def tokenize(self, text: str) -> list[Token]:
+        """Text -> USER tokens with probability 0, as the Tokenize RPC returns them."""
+        return [Token(token_id=i, token_str=self.piece(i), prob=0.0, token_type=TokenType.USER,
+                      position=n) for n, i in enumerate(self.encode(text))]
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """Token ids -> text (exact round trip of what ``encode`` produced)."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
+    def chat_prompt(self, message: str, system: str | None = None) -> str:
+        """Wrap one user message in the model's chat template, ready for the reply."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": message}]
+        if not getattr(self.tokenizer, "chat_template", None):
+            return message
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def resolve_token(self, token: InputToken) -> int | None:
+        """A token given by id or text -> its id, or None when it is not one vocabulary token.
+
+        A leading '▁' (the SDK's word-start variant) maps onto this tokenizer's own marker, so
+        '▁world' means the token for ' world' here as it would for a SentencePiece model.
+        """
+        if isinstance(token, int):
+            return token if 0 <= token < self.vocab_size else None
+        candidates = [token]
+        if token.startswith(SENTENCEPIECE_MARKER):
+            candidates.append(self._word_marker + token[1:])
+            candidates.append(" " + token[1:])
+        for candidate in candidates:
+            if candidate in self._vocab:
+                return self._vocab[candidate]
+        for candidate in candidates:
+            ids = self.encode(candidate)
+            if len(ids) == 1:
+                return ids[0]
+        return None
+
+    # ----- planning: every check before any model work ----------------------------------------
+
+    def prompt_ids(self, parts: Sequence[PromptPart]) -> list[int]:
+        """Prompt parts -> context token ids. Text-only engines refuse images."""
+        ids: list[int] = []
+        for position, part in enumerate(parts):
+            if isinstance(part, TextPart):
+                ids.extend(self.encode(part.text))
+            elif isinstance(part, TokenIdsPart):
+                bad = [i for i in part.ids if i >= self.vocab_size]
+                if bad:
+                    raise InvalidInput(
+                        f"inputs[{position}]: token id {bad[0]} is outside the vocabulary of "
+                        f"{self.name} (ids 0..{self.vocab_size - 1})",
+                        field=f"inputs[{position}]", value=bad[0])
+                ids.extend(part.ids)
+            elif isinstance(part, ImagePart):
+                raise InvalidInput(
+                    f"inputs[{position}]: model {self.name!r} takes text only; send images "
+                    "to a vision model such as 'vlm-1'", field="model_name", value=self.name)
+        if not ids:
+            raise InvalidInput("inputs: the prompt tokenised to no tokens", field="inputs",
+                               value="")
+        return ids
+
+    def _resolve_list(self, field: str, entries: Sequence[InputToken],
+                      notes: list[str]) -> dict[int, InputToken]:
+        """Resolve a token list to ``{id: entry}``; entries that are not one token are noted.
+
+        The SDK sends a '▁' variant next to every string; a pair counts as one entry, noted
+        only when neither of the two names a token.
+        """
+        resolved: dict[int, InputToken] = {}
+        failed: list[InputToken] = []
+        for entry in entries:
+            token_id = self.resolve_token(entry)
+            if token_id is None:
+                failed.append(entry)
+            else:
+                resolved.setdefault(token_id, entry)
+        hits = set(resolved.values())
+        for entry in failed:
+            partner = (entry[1:] if entry.startswith(SENTENCEPIECE_MARKER)
+                       else SENTENCEPIECE_MARKER + entry) if isinstance(entry, str) else None
+            if partner in hits or (partner in failed and isinstance(entry, str)
+                                   and entry.startswith(SENTENCEPIECE_MARKER)):
+                continue
+            what = (f"token id {entry} is outside the vocabulary (0..{self.vocab_size - 1})"
+                    if isinstance(entry, int) else
+                    f"{entry!r} is not one token (it tokenises to {len(self.encode(entry))})")
+            notes.append(f"{field}: {what}; ignored")
+        return resolved
+
+    def plan(self, parts: Sequence[PromptPart], settings: SampleSettings) -> Plan:
+        """Validate a request against this model and resolve its settings to token ids."""
+        prompt = self.prompt_ids(parts)
+        if len(prompt) + settings.max_len > self.context_window:
+            raise ContextOverflow(
+                f"prompt of {len(prompt)} tokens plus max_len {settings.max_len} is "
+                f"{len(prompt) + settings.max_len} tokens, beyond the context window of "
+                f"{self.context_window} tokens of {self.name}", field="max_len",
+                value=settings.max_len)
+        notes: list[str] = []
+        stop_ids = {i: str(e) for i, e in
+                    self._resolve_list("stop_tokens", settings.stop_tokens, notes).items()}
+        allowed = sorted(self._resolve_list("allowed_tokens", settings.allowed_tokens, notes))
+        banned = sorted(self._resolve_list("disallowed_tokens", settings.disallowed_tokens, notes))
+        if settings.allowed_tokens and not allowed:
+            raise InvalidSettings(
+                f"allowed_tokens {list(settings.allowed_tokens)[:8]!r} name no vocabulary token "
+                f"of {self.name}; nothing could be sampled", field="allowed_tokens",
+                value=list(settings.allowed_tokens))
+        if len(banned) >= self.vocab_size:
+            raise InvalidSettings("disallowed_tokens bans the whole vocabulary",
+                                  field="disallowed_tokens", value=len(banned))
+        chain = build_chain(allowed=allowed, banned=banned, temperature=settings.temperature,
+                            nucleus_p=settings.nucleus_p)
+        return Plan(tuple(prompt), settings, stop_ids, chain, tuple(notes))
+
+    def start(self, parts: Sequence[PromptPart], settings: SampleSettings,
+              cancelled: Callable[[], bool] | None = None) -> CausalLMGeneration:
+        """Validate now; return a run whose iteration does the model work."""
+        return CausalLMGeneration(self, self.plan(parts, settings), cancelled)
+
+    # ----- the model ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _forward(self, ids: Sequence[int], cache: DynamicCache, *, all_logits: bool,
+                 attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run pending tokens through the model; return logits (last or all) and attention rows."""
+        with self._steps:  # one forward at a time, in arrival order, so runs interleave fairly
+            if attention:
+                self._recorder.arm()
+            try:
+                out = self.model(input_ids=torch.tensor([list(ids)]), past_key_values=cache,
+                                 use_cache=True, logits_to_keep=0 if all_logits else 1)
+                rows = self._recorder.take(self.num_layers) if attention else None
+            finally:
+                self._recorder.armed = False
+        return out.logits[0].float(), rows
+
+    def _token(self, token_id: int, logits: torch.Tensor, processed: torch.Tensor | None,
+               settings: SampleSettings, position: int, token_type: TokenType,
+               rows: torch.Tensor | None) -> Token:
+        """Describe one token given the logits it was drawn from (raw and processed)."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        probs = logprobs.exp()
+        raw_logprob = float(logprobs[token_id])
+        values, ids = torch.topk(probs, settings.top_k) if settings.top_k else (probs[:0], [])
+        top_k = tuple(
+            Token(token_id=int(i), token_str=self.piece(int(i)),
+                  prob=float(processed[i]) if processed is not None else float(v),
+                  token_type=TokenType.MODEL, raw_prob=float(v),
+                  logprob=float(logprobs[i]), rank=n + 1)
+            for n, (v, i) in enumerate(zip(values.tolist(), ids.tolist() if len(ids) else [])))
+        mean = rows.mean(dim=(0, 1)).tolist() if rows is not None else []
+        return Token(
+            token_id=token_id, token_str=self.piece(token_id),
+            prob=float(processed[token_id]) if processed is not None else math.exp(raw_logprob),
+            top_k=top_k, attn_weights=tuple(mean), token_type=token_type,
+            raw_prob=math.exp(raw_logprob), logprob=raw_logprob,
+            rank=int((logits > logits[token_id]).sum()) + 1,
+            entropy=float(torch.special.entr(probs).sum()), position=position,
+            attention=AttentionDetail(rows.numpy().astype(np.float32))
+            if rows is not None and settings.full_attention else None)
+
+    def _score_prompt(self, plan: Plan, logits: torch.Tensor) -> Iterator[Token]:
+        """The prompt's tokens, each with the probability the model gave it (teacher forcing)."""
+        first = plan.prompt_ids[0]
+        yield Token(token_id=first, token_str=self.piece(first), prob=0.0,
+                    token_type=TokenType.USER, position=0)
+        for position in range(1, len(plan.prompt_ids)):
+            yield self._token(plan.prompt_ids[position], logits[position - 1], None,
+                              plan.settings, position, TokenType.USER, None)
+
+    def _run(self, plan: Plan, cancelled: Callable[[], bool]) -> Iterator[Event]:
+        """The step loop."""
+        s = plan.settings
+        rng = torch.Generator().manual_seed(s.rng_seed)
+        cache = DynamicCache(config=self.model.config)
+        generated: list[int] = []
+        finish, match = FinishReason.MAX_LEN, None
+        # Prefill: the whole prompt in one pass; logits for every position only when scoring.
+        logits, rows = self._forward(plan.prompt_ids, cache, all_logits=s.score_prompt,
+                                     attention=s.return_attention and s.max_len > 0)
+        if s.score_prompt:
+            yield from self._score_prompt(plan, logits)
+        last = logits[-1]
+        for index in range(s.max_len):
+            # 1. Stop promptly when the caller has gone away.
+            if cancelled():
+                finish = FinishReason.CANCELLED
+                break
+            # 2. Processors (masks, temperature, nucleus) turn raw logits into the sampling law.
+            processed = torch.softmax(plan.chain(last), dim=-1)
+            # 3. Pick: argmax when greedy, else a draw from the seeded generator.
+            token_id = int(torch.argmax(processed)) if s.greedy else \
+                int(torch.multinomial(processed, 1, generator=rng))
+            # 4. A stop token or EOS ends the run and is not part of the output.
+            if token_id in plan.stop_ids or (s.stop_at_eos and token_id == self.eos_id):
+                finish = FinishReason.STOP_TOKEN if token_id in plan.stop_ids else FinishReason.EOS
+                match = plan.stop_ids.get(token_id, self.piece(token_id))
+                break
+            # 5. Record the token with its raw and processed probabilities, top-k, attention.
+            generated.append(token_id)
+            yield self._token(token_id, last, processed, s, len(plan.prompt_ids) + index,
+                              TokenType.MODEL, rows)
+            # 6. A stop string ends the run after the token that completed it.
+            match = self._stop_string(generated, s.stop_strings)
+            if match is not None:
+                finish = FinishReason.STOP_STRING
+                break
+            # 7. Feed the token back in, unless this was the last one.
+            if index + 1 < s.max_len:
+                logits, rows = self._forward([token_id], cache, all_logits=False,
+                                             attention=s.return_attention)
+                last = logits[-1]
+        yield RunSummary(model_name=self.name, num_prompt_tokens=len(plan.prompt_ids),
+                         num_generated_tokens=len(generated), finish_reason=finish,
+                         stop_match=match, notes=plan.notes)
+
+    def _stop_string(self, generated: list[int], stop_strings: tuple[str, ...]) -> str | None:
+        """The first stop string the generated text now contains, if any."""
+        if not stop_strings:
+            return None
+        # Only the tail can hold a new match: enough tokens for the longest string, plus slack.
+        tail = self.detokenize(generated[-(max(map(len, stop_strings)) + 8):])
+        return next((s for s in stop_strings if s in tail), None)
