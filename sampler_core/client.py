@@ -193,6 +193,14 @@ class Client:
                                         root_certificates=root_certificates)
         self.sampler = AsyncSampler(self._transport, initial_rng_seed)
 
+    async def get_token_budget(self, transaction_type: str = "") -> Any:
+        """This API key's token budget (a ``sampler_core.wire.accounts.TokenBudget``)."""
+        return await self._transport.get_token_budget(transaction_type)
+
+    async def list_transactions(self) -> list[Any]:
+        """This API key's recorded requests (``sampler_core.wire.accounts.Transaction``s)."""
+        return await self._transport.list_transactions()
+
     async def close(self) -> None:
         """Close the channel."""
         await self._transport.close()
