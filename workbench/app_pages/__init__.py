@@ -1,0 +1,1 @@
+"""One module per page; ``workbench/app.py`` routes between them."""

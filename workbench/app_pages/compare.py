@@ -1,0 +1,74 @@
+"""Compare seeds: one prompt under N seeds side by side, divergence marked, pin a seed back."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from workbench import state
+from workbench.components import chips, sidebar
+from workbench.execute import stream_run
+from workbench.views import RunResult, divergence, total_logprob, visible
+
+
+def _pin(seed: int) -> None:
+    state.pin_seed(seed)
+    st.session_state["pinned_message"] = f"Seed {seed} pinned into the playground's settings (fixed)."
+
+
+def page() -> None:
+    """Draw the seed comparison."""
+    bar: sidebar.Sidebar = st.session_state["_sidebar"]
+    st.title("Compare seeds")
+    prompt = state.prompt()
+    if not prompt:
+        st.info("Write a prompt in the Playground first.")
+        return
+    st.caption("Prompt: " + visible(prompt[:200]) + ("…" if len(prompt) > 200 else ""))
+    c1, c2, c3 = st.columns([2, 2, 1])
+    n = c1.slider("Number of seeds", 2, 8, 3, key=state.COMPARE_N_W)
+    base = c2.number_input("First seed", 0, 2**53 - 1, int(bar.settings.rng_seed) if bar.settings else 0,
+                           key=state.COMPARE_SEED_W)
+    go = c3.button("Run all", type="primary", key=state.COMPARE_RUN_W, width="stretch",
+                   disabled=bar.client is None or bar.settings is None)
+    if "pinned_message" in st.session_state:
+        st.success(st.session_state.pop("pinned_message"))
+    results: list[RunResult] = list(st.session_state.get(state.COMPARE, []))
+    if go and bar.settings is not None:
+        results = []
+        slots = [col.container(border=True) for col in _grid(int(n))]
+        for i, slot in enumerate(slots):
+            seed = int(base) + i
+            slot.markdown(f"**seed {seed}**")
+            run = stream_run(bar, prompt, bar.settings.replace(rng_seed=seed), slot.empty())
+            results.append(run)
+            st.session_state[state.COMPARE] = results
+            if run.status == "error":
+                slot.error(run.error)
+                break
+        st.rerun()
+    if not results:
+        st.caption("Run all to sample the prompt under each seed.")
+        return
+    at = divergence([[t.token_id for t in r.generated] for r in results])
+    if at is None:
+        st.info("All runs are identical.")
+    else:
+        st.markdown(f"Runs first diverge at generated token **#{at}** (dashed red outline).")
+    for slot, run in zip(_grid(len(results)), results):
+        with slot.container(border=True):
+            st.markdown(f"**seed {run.settings.rng_seed}** · {len(run.generated)} tokens · "
+                        f"Σ logprob {total_logprob(run.tokens):.2f}")
+            chips.render(run.generated, marked=at)
+            st.button("Pin this seed", key=f"pin_{run.run_id}", on_click=_pin,
+                      args=(run.settings.rng_seed,))
+
+
+def _grid(n: int) -> list:
+    """Up to four columns per row."""
+    cols = []
+    for start in range(0, n, 4):
+        cols.extend(st.columns(min(4, n - start)))
+    return cols
+
+
+page()

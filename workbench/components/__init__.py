@@ -1,0 +1,1 @@
+"""Reusable Streamlit pieces: token chips, top-k table, heatmaps, the settings sidebar."""
