@@ -87,6 +87,8 @@ class SamplerService(pb_grpc.SamplerServicer):
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._waiting = 0
         self._default_canonical: str | None = None
+        #: For each cancelled run, how many tokens it generated after the cancel was seen.
+        self.cancel_overruns: list[int] = []
 
     # ----- helpers -----------------------------------------------------------------------------
 
@@ -251,9 +253,23 @@ class SamplerService(pb_grpc.SamplerServicer):
                     pass
             return tx
 
-        cancel_hook = lambda *_: stop.set()  # noqa: E731
-        context.add_done_callback(cancel_hook)
+        worker_done = [False]
+        at_cancel: list[int] = []
+
+        def cancel(*_: Any) -> None:
+            """The client went away or the stream failed: stop before the next step."""
+            if not worker_done[0] and not at_cancel:
+                at_cancel.append(generated[0])
+            stop.set()
+
+        def note_overrun(_: Any) -> None:
+            # Tokens the engine produced after the cancel was seen (the issue's figure).
+            if at_cancel:
+                self.cancel_overruns.append(generated[0] - at_cancel[0])
+
+        context.add_done_callback(lambda ctx: cancel() if ctx.cancelled() else None)
         worker = loop.run_in_executor(self._runs, run)
+        worker.add_done_callback(note_overrun)
         try:
             while True:
                 item = await queue.get()
@@ -264,12 +280,13 @@ class SamplerService(pb_grpc.SamplerServicer):
                     raise item
                 yield item[1]
             tx = await worker
+            worker_done[0] = True
             if tx.confirmed:
                 yield pb.SampleTokensResponse(transaction=convert.transaction_to_proto(tx))
                 budget = self.accounts.budget(account)
                 yield pb.SampleTokensResponse(budget=convert.budget_to_proto(budget))
         finally:
-            stop.set()  # a cancelled or failed stream stops its run before the next step
+            cancel()  # a cancelled or failed stream stops its run before the next step
 
     # ----- unary RPCs --------------------------------------------------------------------------
 
