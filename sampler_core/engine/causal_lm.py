@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from sampler_core.engine.attention import recorder_for
 from sampler_core.engine.base import Event, FairLock
+from sampler_core.engine.fast_llama import FastLlama, KVCache, supports
 from sampler_core.engine.models import LoadedModel
 from sampler_core.engine.processors import LogitsProcessor, build_chain
 from sampler_core.errors import ContextOverflow, InvalidInput, InvalidSettings
@@ -37,6 +38,8 @@ class Plan:
     stop_ids: dict[int, str]
     chain: LogitsProcessor
     notes: tuple[str, ...]
+    #: Engine-specific prompt data beyond the ids (a vision engine's prepared images).
+    extra: Any = None
 
 
 class CausalLMGeneration:
@@ -64,7 +67,7 @@ class CausalLMEngine:
         self.name = loaded.name
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        config = self.model.config
+        config = self.model.config.get_text_config()  # a vision-language model's text half
         self.num_layers: int = config.num_hidden_layers
         self.num_heads: int = config.num_attention_heads
         self.context_window: int = int(getattr(config, "max_position_embeddings", 2048))
@@ -75,6 +78,8 @@ class CausalLMEngine:
         self._word_marker = self._detect_word_marker()
         self._steps = FairLock()
         self._recorder = recorder_for(config)
+        # Llama-shaped models run through the lean runner; others through transformers.
+        self._fast = FastLlama(self.model) if supports(self.model) else None
 
     # ----- tokenizer -------------------------------------------------------------------------
 
@@ -188,9 +193,13 @@ class CausalLMEngine:
             notes.append(f"{field}: {what}; ignored")
         return resolved
 
+    def context(self, parts: Sequence[PromptPart]) -> tuple[list[int], Any]:
+        """Prompt parts -> (context ids, extra prompt data for the prefill); None extra here."""
+        return self.prompt_ids(parts), None
+
     def plan(self, parts: Sequence[PromptPart], settings: SampleSettings) -> Plan:
         """Validate a request against this model and resolve its settings to token ids."""
-        prompt = self.prompt_ids(parts)
+        prompt, extra = self.context(parts)
         if len(prompt) + settings.max_len > self.context_window:
             raise ContextOverflow(
                 f"prompt of {len(prompt)} tokens plus max_len {settings.max_len} is "
@@ -212,7 +221,7 @@ class CausalLMEngine:
                                   field="disallowed_tokens", value=len(banned))
         chain = build_chain(allowed=allowed, banned=banned, temperature=settings.temperature,
                             nucleus_p=settings.nucleus_p)
-        return Plan(tuple(prompt), settings, stop_ids, chain, tuple(notes))
+        return Plan(tuple(prompt), settings, stop_ids, chain, tuple(notes), extra)
 
     def start(self, parts: Sequence[PromptPart], settings: SampleSettings,
               cancelled: Callable[[], bool] | None = None) -> CausalLMGeneration:
@@ -222,19 +231,47 @@ class CausalLMEngine:
     # ----- the model ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, ids: Sequence[int], cache: DynamicCache, *, all_logits: bool,
-                 attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run pending tokens through the model; return logits (last or all) and attention rows."""
+    def _forward(self, ids: Sequence[int], cache: DynamicCache | KVCache, *, all_logits: bool,
+                 attention: bool, inputs: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run pending tokens through the model; return logits (last or all) and attention rows.
+
+        ``inputs`` replaces ``input_ids`` when given (a vision engine's ``inputs_embeds``, or
+        ``input_ids`` with ``pixel_values``).
+        """
+        if isinstance(cache, KVCache):
+            embeds = inputs["inputs_embeds"][0] if inputs is not None else None
+            with self._steps:  # one forward at a time, in arrival order: runs interleave fairly
+                logits, rows = self._fast.forward(
+                    torch.tensor(list(ids)) if embeds is None else None, cache,
+                    inputs_embeds=embeds, all_logits=all_logits, attention=attention)
+            return logits, rows
+        model_inputs = inputs if inputs is not None else {"input_ids": torch.tensor([list(ids)])}
         with self._steps:  # one forward at a time, in arrival order, so runs interleave fairly
             if attention:
                 self._recorder.arm()
             try:
-                out = self.model(input_ids=torch.tensor([list(ids)]), past_key_values=cache,
+                out = self.model(**model_inputs, past_key_values=cache,
                                  use_cache=True, logits_to_keep=0 if all_logits else 1)
                 rows = self._recorder.take(self.num_layers) if attention else None
             finally:
                 self._recorder.armed = False
         return out.logits[0].float(), rows
+
+    def _new_cache(self, capacity: int) -> DynamicCache | KVCache:
+        """A KV cache for one run: preallocated for the lean runner, else transformers' own.
+
+        The lean runner takes token ids or ``inputs_embeds`` (how a vision engine splices
+        images into a Llama text model); models it does not support use transformers' cache.
+        """
+        if self._fast is not None:
+            return self._fast.new_cache(capacity)
+        return DynamicCache(config=self.model.config)
+
+    def _prefill(self, plan: Plan, cache: DynamicCache | KVCache, *, all_logits: bool,
+                 attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's forward pass (a vision engine splices its images in here)."""
+        return self._forward(plan.prompt_ids, cache, all_logits=all_logits, attention=attention)
 
     def _token(self, token_id: int, logits: torch.Tensor, processed: torch.Tensor | None,
                settings: SampleSettings, position: int, token_type: TokenType,
@@ -274,11 +311,11 @@ class CausalLMEngine:
         """The step loop."""
         s = plan.settings
         rng = torch.Generator().manual_seed(s.rng_seed)
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache(len(plan.prompt_ids) + s.max_len)
         generated: list[int] = []
         finish, match = FinishReason.MAX_LEN, None
         # Prefill: the whole prompt in one pass; logits for every position only when scoring.
-        logits, rows = self._forward(plan.prompt_ids, cache, all_logits=s.score_prompt,
+        logits, rows = self._prefill(plan, cache, all_logits=s.score_prompt,
                                      attention=s.return_attention and s.max_len > 0)
         if s.score_prompt:
             yield from self._score_prompt(plan, logits)
