@@ -58,3 +58,20 @@ def test_chain_gives_a_distribution() -> None:
 def test_allow_only_needs_ids() -> None:
     with pytest.raises(InvalidSettings, match="allowed_tokens resolved to no vocabulary token"):
         AllowOnly(())
+
+
+def test_nucleus_shortcut_equals_a_full_sort() -> None:
+    """The top-256 shortcut keeps exactly the set a full sort keeps, with and without fallback."""
+    generator = torch.Generator().manual_seed(0)
+    fallbacks = 0
+    for case in range(120):
+        logits = torch.randn(5000, generator=generator) * [0.1, 1.0, 5.0, 20.0][case % 4]
+        p = [0.05, 0.5, 0.9, 0.95, 0.999][case % 5]
+        probs, order = torch.sort(torch.softmax(logits, -1), descending=True)
+        keep_sorted = (probs.cumsum(-1) - probs) < p
+        keep_sorted[0] = True
+        expected = torch.zeros(5000, dtype=torch.bool)
+        expected[order[keep_sorted]] = True
+        assert torch.equal(torch.isfinite(Nucleus(p)(logits)), expected), case
+        fallbacks += int(expected.sum()) > Nucleus.HEAD
+    assert fallbacks > 0  # the full-sort path was exercised too

@@ -78,6 +78,7 @@ class Nucleus:
     """Keep the smallest set of most likely tokens whose probability mass reaches ``p``."""
 
     p: float
+    HEAD = 256  # candidates examined before falling back to a full sort
 
     def __post_init__(self) -> None:
         if not 0.0 < self.p <= 1.0:
@@ -87,13 +88,21 @@ class Nucleus:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.p >= 1.0:
             return logits
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Drop a token when the mass before it already reaches p; the first always stays.
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= self.p
-        drop_sorted[0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        return logits.masked_fill(drop, -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        # Sorting the whole vocabulary every step is the slow part; the nucleus nearly always
+        # lies within the top few hundred, so look there first and sort everything only if not.
+        head = min(self.HEAD, probs.shape[-1])
+        top, order = torch.topk(probs, head)
+        cumulative = top.cumsum(dim=-1)
+        if float(cumulative[-1]) < self.p and head < probs.shape[-1]:
+            top, order = torch.sort(probs, descending=True)
+            cumulative = top.cumsum(dim=-1)
+        # Keep a token while the mass before it is below p; the first always stays.
+        keep_sorted = (cumulative - top) < self.p
+        keep_sorted[0] = True
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        keep[order[keep_sorted]] = True
+        return logits.masked_fill(~keep, -math.inf)
 
 
 def chain(processors: Sequence[LogitsProcessor]) -> LogitsProcessor:
