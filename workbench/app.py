@@ -16,13 +16,13 @@ from workbench.components import sidebar  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "app_pages"
 
-st.set_page_config(page_title="Prompt IDE workbench", page_icon="🧪", layout="wide")
+st.set_page_config(page_title="Prompt IDE workbench", page_icon=":material/science:", layout="wide")
 navigation = st.navigation([
-    st.Page(PAGES / "playground.py", title="Playground", icon="✏️", default=True),
-    st.Page(PAGES / "compare.py", title="Compare seeds", icon="🎲"),
-    st.Page(PAGES / "attention.py", title="Attention", icon="🔥"),
-    st.Page(PAGES / "tokenizer.py", title="Tokenizer", icon="🔤"),
-    st.Page(PAGES / "history.py", title="History", icon="🕘"),
+    st.Page(PAGES / "playground.py", title="Playground", icon=":material/edit_note:", default=True),
+    st.Page(PAGES / "compare.py", title="Compare seeds", icon=":material/casino:"),
+    st.Page(PAGES / "attention.py", title="Attention", icon=":material/grid_on:"),
+    st.Page(PAGES / "tokenizer.py", title="Tokenizer", icon=":material/text_fields:"),
+    st.Page(PAGES / "history.py", title="History", icon=":material/history:"),
 ])
 st.session_state["_sidebar"] = sidebar.render()
 navigation.run()

@@ -22,7 +22,6 @@ PROB_BANDS: tuple[tuple[float, str, str], ...] = (
     (0.0, "#ffadad", "< 0.05"),
 )
 PROMPT_COLOUR = "#e9ecef"
-BAND_EMOJI = ("🟩", "🟢", "🟨", "🟧", "🟥")
 
 
 def band(prob: float | None) -> int:
@@ -82,10 +81,10 @@ def legend_html() -> str:
 
 
 def token_label(index: int, token: Token) -> str:
-    """A short label for selectors: band emoji, index and visible text."""
+    """A short label for selectors: index, visible text and probability."""
     text = visible(token.token_str)
     text = text if len(text) <= 14 else text[:13] + "…"
-    return f"{BAND_EMOJI[band(token.prob)]} {index} {text}"
+    return f"{index} {text} · {token.prob:.2f}"
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
