@@ -54,7 +54,8 @@ def chips_html(tokens: Sequence[Token], *, selected: int | None = None,
     for i, t in enumerate(tokens):
         unscored = t.token_type == TokenType.USER and t.logprob is None
         colour = PROMPT_COLOUR if unscored else prob_colour(t.prob)
-        style = f"background:{colour};border-radius:4px;padding:1px 3px;margin:0 1px;color:#1b1b1b;"
+        style = (f"background:{colour};border-radius:4px;padding:1px 3px;margin:0 1px;color:#1b1b1b;"
+                 "white-space:pre;")
         if i == selected:
             style += "outline:2px solid #1c7ed6;"
         if i == marked:
