@@ -19,7 +19,12 @@ def get_engine(name: str = "", progress: Progress | None = None) -> Any:
     from sampler_core.engine.causal_lm import CausalLMEngine
 
     def build(canonical: str, loader: Any) -> Any:
-        return CausalLMEngine(loader(progress or _no_progress))
+        loaded = loader(progress or _no_progress)
+        if loaded.processor is not None:  # a vision-language model: images become tokens
+            from sampler_core.engine.vlm import VisionLanguageEngine
+
+            return VisionLanguageEngine(loaded)
+        return CausalLMEngine(loaded)
 
     return get_cached(name, build)
 

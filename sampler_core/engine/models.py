@@ -174,6 +174,27 @@ register_model(
 )
 
 
+def _load_vlm1(progress: Progress) -> LoadedModel:
+    from sampler_core.engine.vlm import load_vlm1  # imports this module: load lazily
+
+    return load_vlm1(progress)
+
+
+register_model(
+    ModelEntry("vlm-1", _load_vlm1,
+               "bundled demo vision model: a small vision tower trained onto the frozen "
+               "SmolLM2-135M-Instruct; knows synthetic shapes and colours, not photos"),
+)
+
+
+def _load_local_folder(path: Path, progress: Progress) -> LoadedModel:
+    from sampler_core.engine.vlm import is_vision_folder, load_vision_folder
+
+    if is_vision_folder(path):  # SmolVLM / Idefics3 / LLaVA: model + processor
+        return load_vision_folder(path, str(path), progress)
+    return _load_folder(path, str(path), progress)
+
+
 def resolve(name: str) -> tuple[str, Callable[[Progress], LoadedModel]]:
     """A model name, alias or local path -> (canonical name, loader)."""
     if name in _aliases:
@@ -183,7 +204,7 @@ def resolve(name: str) -> tuple[str, Callable[[Progress], LoadedModel]]:
     if path.suffix == ".gguf" and path.is_file():
         return str(path), lambda progress: load_gguf(path, str(path), progress)
     if path.is_dir() and (path / "config.json").is_file():
-        return str(path), lambda progress: _load_folder(path, str(path), progress)
+        return str(path), lambda progress: _load_local_folder(path, progress)
     known = ", ".join(repr(n) for n in model_names())
     raise UnknownModel(
         f"model_name {name!r} is not a known model ({known}) nor a local .gguf file or "
