@@ -150,5 +150,123 @@ def test_images_checked() -> None:
     Image.new("RGB", (4, 4)).save(buf, format="GIF")
     with pytest.raises(ValueError, match="allowed"):
         images.check_image(buf.getvalue(), "d.gif")
-    assert "vlm-1" in images.vision_hint(["smollm2"], "smollm2")
-    assert images.vision_hint(["smollm2", "vlm-1"], "vlm-1") is None
+    ok, message = images.vision_status(["smollm2"], "smollm2")
+    assert not ok and "vlm-1" in message and "does not list" in message
+    ok, message = images.vision_status(["smollm2", "vlm-1"], "smollm2")
+    assert not ok and "choose 'vlm-1'" in message
+    ok, message = images.vision_status(["smollm2", "vlm-1"], "vlm-1")
+    assert ok and "synthetic" in message and "not about photos" in message
+    assert images.vision_status(["/models/SmolVLM-256M"], "/models/SmolVLM-256M")[0]
+    assert "10 MiB" in images.limit_text()
+
+
+def test_broken_and_truncated_uploads_say_so() -> None:
+    png = _png((32, 32))
+    with pytest.raises(ValueError, match="not a readable PNG, JPEG or WebP"):
+        images.check_image(png[: len(png) // 2], "half.png")
+    with pytest.raises(ValueError, match="empty"):
+        images.check_image(b"", "e.png")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "blue").save(buf, format="WEBP")
+    assert images.check_image(buf.getvalue(), "w.webp").format == "WEBP"
+
+
+def test_sample_images_list_the_vision_ones_first() -> None:
+    samples = images.sample_images()
+    assert samples, "assets/images holds sample pictures"
+    labels = list(samples)
+    assert labels[0].startswith("vlm/") and "red_circle.png" in labels
+    assert all(p.is_file() for p in samples.values())
+    for label, path in samples.items():
+        assert images.check_image(path.read_bytes(), label).width > 0
+
+
+def _image_tokens(image: int, rows: int, cols: int, start: int) -> list[tuple[int, str]]:
+    return [(start + r * cols + c, f"<image {image}: patch {r + 1},{c + 1}>")
+            for r in range(rows) for c in range(cols)]
+
+
+def test_image_grids_from_token_texts() -> None:
+    pairs = [(0, "Look"), *_image_tokens(1, 2, 3, 1), (7, ":"), *_image_tokens(2, 4, 4, 8),
+             (24, "<image 1 tile 1: patch 1,1>"), (25, "<image x>")]
+    grids = views.image_grids(list(reversed(pairs)))  # order does not matter
+    assert [(g.image, g.rows, g.cols) for g in grids] == [(1, 2, 3), (2, 4, 4)]
+    assert grids[0].positions == ((1, 2, 3), (4, 5, 6))
+    assert grids[1].positions[3][3] == 23 and grids[1].all_positions == tuple(range(8, 24))
+    # A cell no token names stays empty.
+    holes = views.image_grids([(5, "<image 1: patch 2,2>")])
+    assert holes[0].positions == ((None, None), (None, 5))
+    assert views.image_grids([(0, "plain"), (1, "text")]) == ()
+
+
+def test_overlay_matrix_share_and_text_positions() -> None:
+    grid = views.image_grids(_image_tokens(1, 2, 2, 2))[0]
+    weights = np.array([0.4, 0.1, 0.05, 0.15, 0.2, 0.1])  # positions 2..5 are the image
+    z = views.overlay_matrix(weights, grid)
+    assert np.allclose(z, [[0.05, 0.15], [0.2, 0.1]])
+    assert views.image_share(weights, [grid]) == pytest.approx(0.5)
+    assert views.text_positions(8, [grid]) == [0, 1, 6, 7]
+    short = views.overlay_matrix(weights[:4], grid)  # a row that ends inside the image
+    assert np.isnan(short[1]).all() and short[0].tolist() == pytest.approx([0.05, 0.15])
+    assert views.image_share(np.zeros(6), [grid]) == 0.0
+
+
+def test_run_grids_chips_and_rows_for_image_tokens() -> None:
+    prompt = [tok(0, "<image 1: patch 1,1>", 0.0, user=True), tok(1, "<image 1: patch 1,2>", 0.0, user=True),
+              tok(2, "Hi", 0.3, user=True)]
+    run = _run(tokens=(*prompt, tok(3, "a", 0.5, attn=3)), prompt_labels=("<image 1: patch 1,1>",
+                                                                         "<image 1: patch 1,2>", "Hi"))
+    grids = views.run_image_grids(run)
+    assert len(grids) == 1 and grids[0].positions == ((0, 1),)
+    assert views.run_image_grids(_run(tokens=(tok(3, "a", 0.5),), prompt_labels=run.prompt_labels)) == grids
+    html = views.chips_html(run.tokens)
+    assert "▦1 1,2" in html and views.IMAGE_CHIP_COLOUR in html and "&lt;image" not in html.split("title")[0]
+    assert [r["source"] for r in views.token_rows(run.tokens)] == ["image", "image", "prompt", "model"]
+    assert views.token_label(1, prompt[1]) == "1 ▦1 1,2"
+    assert views.context_labels(run.prompt_labels, run.generated, 4) == ["0:▦1 1,1", "1:▦1 1,2", "2:Hi", "3:a"]
+    assert "image patch" in views.legend_html(images=True) and "image patch" not in views.legend_html()
+
+
+def test_prompt_parts_place_the_image() -> None:
+    from sampler_core.inputs import ImagePart, TextPart, TokenIdsPart
+    from workbench.execute import prompt_parts, with_image_settings
+
+    png = _png()
+    assert prompt_parts("Q", (), png) == (ImagePart(png), TextPart("Q"))
+    assert prompt_parts("Q", (7,), png, image_after=True) == (TextPart("Q"), ImagePart(png), TokenIdsPart((7,)))
+    assert prompt_parts("", (), png) == (ImagePart(png),)
+    s = with_image_settings(SampleSettings(max_len=3))
+    assert s.score_prompt and s.return_attention and s.max_len == 3
+
+
+def test_store_keeps_images_and_migrates_old_files(tmp_path) -> None:
+    import sqlite3
+
+    db = tmp_path / "h.sqlite3"
+    png = _png((5, 5))
+    sha = store.put_image(png, db)
+    assert store.put_image(png, db) == sha and store.get_image(sha, db) == png
+    assert store.get_image(None, db) is None and store.get_image("0" * 64, db) is None
+    (store.image_dir(db) / sha).write_bytes(b"altered")
+    assert store.get_image(sha, db) is None  # a changed file is not passed off as the image
+    store.put_image(png, db)
+    with pytest.raises(ValueError, match="64 hex"):
+        store.image_path("../etc/passwd", db)
+    run = _run(image_sha=sha, image_name="dot.png", image_after=True)
+    store.save(run, db)
+    back = store.load("r1", db)
+    assert back == run and back.image_after and back.image_sha == sha
+    code = store.python_code(back, path=db)
+    assert "image = open(" in code and str(store.image_dir(db) / sha) in code
+    assert "inputs=['Hi', image]" in code
+    compile(code, "<run>", "exec")
+    assert "inputs=[image, 'Hi']" in store.python_code(_run(image_sha=sha), path=db)
+    # A history file written before images were kept gains the columns.
+    old = tmp_path / "old" / "history.sqlite3"
+    old.parent.mkdir()
+    conn = sqlite3.connect(old)
+    conn.execute(store.SCHEMA.replace(",\n    image_sha TEXT,\n    image_after INTEGER NOT NULL DEFAULT 0", ""))
+    conn.commit()
+    conn.close()
+    store.save(_run(), old)
+    assert store.load("r1", old).image_sha is None

@@ -25,24 +25,36 @@ def _redraw_due(n: int) -> bool:
     return n <= 64 or n % max(1, n // 32) == 0
 
 
-def prompt_parts(prompt: str, forced_ids: Sequence[int] = (), image: bytes | None = None) -> tuple[PromptPart, ...]:
-    """The run's prompt parts: optional image, the text, then forced token ids (a branch)."""
+def prompt_parts(prompt: str, forced_ids: Sequence[int] = (), image: bytes | None = None,
+                 image_after: bool = False) -> tuple[PromptPart, ...]:
+    """The run's prompt parts: the image before or after the text, then forced token ids."""
     parts: list[PromptPart] = []
-    if image is not None:
-        parts.append(ImagePart(image))
     if prompt:
         parts.extend(to_parts(prompt))
+    if image is not None:
+        parts.insert(len(parts) if image_after else 0, ImagePart(image))
     if forced_ids:
         parts.append(TokenIdsPart(tuple(forced_ids)))
     return tuple(parts) if parts else to_parts(prompt)
 
 
+def with_image_settings(settings: SampleSettings) -> SampleSettings:
+    """Settings for a run with an image: the prompt is scored (the image tokens name their
+    patches) and attention is returned (the overlay draws it)."""
+    return settings.replace(score_prompt=True, return_attention=True)
+
+
 def stream_run(bar: Sidebar, prompt: str, settings: SampleSettings, where: Any, *,
                forced: Sequence[Token] = (), parent: RunResult | None = None,
                branch_index: int | None = None, image: bytes | None = None,
-               image_name: str | None = None,
+               image_name: str | None = None, image_after: bool = False,
                on_update: Callable[[RunResult], None] | None = None) -> RunResult:
     """Run one generation, drawing chips into ``where`` as tokens arrive.
+
+    With an image, the settings should score the prompt (``with_image_settings``): the
+    scored prompt's image tokens (``<image 1: patch r,c>``) tell which context positions are
+    which patches, locally and over the wire, and they become the run's prompt labels. The
+    image's bytes are kept in the store under their sha256 so the run can be reopened.
 
     ``on_update`` receives the run after every token, so a rerun (Stop, page switch) that
     interrupts this script still leaves the partial run in the session; the run is then
@@ -51,17 +63,24 @@ def stream_run(bar: Sidebar, prompt: str, settings: SampleSettings, where: Any, 
     run = RunResult(run_id=uuid.uuid4().hex[:12], prompt=prompt, settings=settings,
                     model=bar.model, created=time.time(), parent_id=parent.run_id if parent else None,
                     branch_index=branch_index, forced_ids=tuple(t.token_id for t in forced),
-                    image_name=image_name, source=bar.source, tokens=tuple(forced))
+                    image_name=image_name if image is not None else None, source=bar.source,
+                    tokens=tuple(forced), image_after=image_after)
     update = on_update or (lambda r: None)
     tokens: list[Token] = list(forced)
     try:
-        parts = prompt_parts(prompt, run.forced_ids, image)
+        if image is not None:
+            run = run.with_tokens(tokens, image_sha=store.put_image(image))
+        parts = prompt_parts(prompt, run.forced_ids, image, image_after)
         if bar.source == "local":
             resources.engine(bar.model)
         labels = tuple(t.token_str for t in resources.runner().tokenize(bar.client, prompt, bar.model)) \
             if prompt else ()
         run = run.with_tokens(tokens, prompt_labels=labels)
         update(run)
+        # Where the forced tokens start in the context: the parent's first generated position
+        # (the text's token count misses image tokens).
+        forced_from = forced[0].position if forced and forced[0].position is not None else len(labels)
+        scored: list[str] = []
         with contextlib.closing(resources.runner().stream(bar.client, parts, settings, bar.model)) as events:
             for event in events:
                 if isinstance(event, RunSummary):
@@ -69,9 +88,13 @@ def stream_run(bar: Sidebar, prompt: str, settings: SampleSettings, where: Any, 
                     break
                 if event.token_type == TokenType.USER:
                     # With forced tokens the engine scores them too; the parent's copies stay.
-                    if forced and event.position is not None and event.position >= len(labels):
+                    if forced and event.position is not None and event.position >= forced_from:
                         continue
                     tokens.insert(sum(t.token_type == TokenType.USER for t in tokens), event)
+                    scored.append(event.token_str)
+                    if image is not None or len(scored) >= len(labels):
+                        # The scored prompt is the whole context as the model saw it.
+                        run = run.with_tokens(tokens, prompt_labels=tuple(scored))
                 else:
                     tokens.append(event)
                 run = run.with_tokens(tokens)

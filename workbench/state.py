@@ -39,7 +39,11 @@ STOP_W = "stop_w"
 CHAT_MESSAGE_W = "chat_message_w"
 CHAT_SYSTEM_W = "chat_system_w"
 CHAT_WRAP_W = "chat_wrap_w"
-IMAGE_W = "image_w"
+IMAGE_W = "image_w"                # the file uploader
+SAMPLE_IMAGE_W = "sample_image_w"  # a sample (or the reopened run's image)
+IMAGE_PLACE_W = "image_place_w"    # "after the text" | "before the text"
+KEPT_IMAGE = "kept_image"          # (label, bytes, after) of a reopened run's image
+PLACES = ("before the text", "after the text")
 TOKEN_PICK_W = "token_pick_w"
 ALT_PICK_W = "alt_pick_w"
 BRANCH_W = "branch_w"
@@ -106,6 +110,13 @@ def pin_seed(seed: int) -> None:
     """Put a seed into the playground's settings and fix it there."""
     st.session_state[PENDING_SEED] = seed
     st.session_state["pending_seed_mode"] = "fixed"
+
+
+def keep_image(label: str, data: bytes, after: bool) -> None:
+    """Offer a reopened run's image in the playground's image panel, selected."""
+    st.session_state[KEPT_IMAGE] = (label, data, after)
+    st.session_state[SAMPLE_IMAGE_W] = label
+    st.session_state[IMAGE_PLACE_W] = PLACES[1] if after else PLACES[0]
 
 
 def apply_pending() -> None:

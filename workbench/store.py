@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -33,9 +34,17 @@ CREATE TABLE IF NOT EXISTS runs (
     parent_id TEXT,
     branch_index INTEGER,
     forced_ids TEXT NOT NULL,
-    image_name TEXT
+    image_name TEXT,
+    image_sha TEXT,
+    image_after INTEGER NOT NULL DEFAULT 0
 )
 """
+#: Columns added after the first release: (name, declaration) for ALTER TABLE on old files.
+ADDED_COLUMNS = (("image_sha", "TEXT"), ("image_after", "INTEGER NOT NULL DEFAULT 0"))
+COLUMNS = ("run_id", "created", "model", "source", "prompt", "settings", "seed", "status",
+           "error", "output", "tokens", "prompt_labels", "summary", "parent_id", "branch_index",
+           "forced_ids", "image_name", "image_sha", "image_after")
+IMAGE_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 
 
 def data_dir() -> Path:
@@ -52,7 +61,47 @@ def _connect(path: Path | None = None) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=10)
     conn.execute(SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    for name, declaration in ADDED_COLUMNS:
+        if name not in have:  # a history file from before images were kept
+            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {declaration}")
     return conn
+
+
+def image_dir(path: Path | None = None) -> Path:
+    """Where sent images are kept, next to the history file, one file per sha256."""
+    return (path.parent if path else data_dir()) / "images"
+
+
+def put_image(data: bytes, path: Path | None = None) -> str:
+    """Keep an image's bytes (content-addressed, written once); returns its sha256."""
+    sha = hashlib.sha256(data).hexdigest()
+    folder = image_dir(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / sha
+    if not target.exists():
+        tmp = folder / f".{sha}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(target)  # atomic: a reader never sees half a file
+    return sha
+
+
+def image_path(sha: str, path: Path | None = None) -> Path:
+    """The file that holds a kept image (it may be missing)."""
+    if not all(c in "0123456789abcdef" for c in sha) or len(sha) != 64:
+        raise ValueError(f"image_sha must be 64 hex digits, got {sha!r}")
+    return image_dir(path) / sha
+
+
+def get_image(sha: str | None, path: Path | None = None) -> bytes | None:
+    """A kept image's bytes, or None (no image, or the file was removed or altered)."""
+    if not sha:
+        return None
+    try:
+        data = image_path(sha, path).read_bytes()
+    except (OSError, ValueError):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == sha else None
 
 
 def token_from_dict(d: dict[str, Any]) -> Token:
@@ -96,7 +145,8 @@ def to_dict(run: RunResult) -> dict[str, Any]:
         "tokens": [t.to_dict() for t in run.tokens], "prompt_labels": list(run.prompt_labels),
         "summary": summary_to_dict(run.summary), "parent_id": run.parent_id,
         "branch_index": run.branch_index, "forced_ids": list(run.forced_ids),
-        "image_name": run.image_name,
+        "image_name": run.image_name, "image_sha": run.image_sha,
+        "image_after": run.image_after,
     }
 
 
@@ -108,7 +158,8 @@ def from_dict(d: dict[str, Any]) -> RunResult:
         prompt_labels=tuple(d.get("prompt_labels", ())), summary=summary_from_dict(d.get("summary")),
         status=d["status"], error=d.get("error"), parent_id=d.get("parent_id"),
         branch_index=d.get("branch_index"), forced_ids=tuple(d.get("forced_ids", ())),
-        created=d["created"], image_name=d.get("image_name"), source=d.get("source", "local"))
+        created=d["created"], image_name=d.get("image_name"), source=d.get("source", "local"),
+        image_sha=d.get("image_sha"), image_after=bool(d.get("image_after")))
 
 
 def to_json(run: RunResult) -> str:
@@ -121,11 +172,13 @@ def save(run: RunResult, path: Path | None = None) -> None:
     d = to_dict(run)
     with _connect(path) as conn:
         conn.execute(
-            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR REPLACE INTO runs ({','.join(COLUMNS)}) "
+            f"VALUES ({','.join('?' * len(COLUMNS))})",
             (d["run_id"], d["created"] or time.time(), d["model"], d["source"], d["prompt"],
              json.dumps(d["settings"]), d["seed"], d["status"], d["error"], d["output"],
              json.dumps(d["tokens"]), json.dumps(d["prompt_labels"]), json.dumps(d["summary"]),
-             d["parent_id"], d["branch_index"], json.dumps(d["forced_ids"]), d["image_name"]))
+             d["parent_id"], d["branch_index"], json.dumps(d["forced_ids"]), d["image_name"],
+             d["image_sha"], int(d["image_after"])))
     # The connection context manager commits; sqlite3 leaves it open, so close it.
     conn.close()
 
@@ -172,10 +225,22 @@ def load(run_id: str, path: Path | None = None) -> RunResult | None:
     return from_dict(d)
 
 
-def python_code(run: RunResult, host: str | None = None) -> str:
-    """Python (sampler_core client) that reproduces a run."""
+class _Code(str):
+    """A value whose repr is itself: code spliced into the generated arguments."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def python_code(run: RunResult, host: str | None = None, path: Path | None = None) -> str:
+    """Python (sampler_core client) that reproduces a run (an image is read from its kept copy)."""
     s = run.settings
-    inputs: list[Any] = [run.prompt]
+    inputs: list[Any] = [run.prompt] if run.prompt or not run.image_sha else []
+    image_line = ""
+    if run.image_sha:
+        image_line = (f"# {run.image_name or 'the image'}, as kept with the run\n"
+                      f"image = open({str(image_path(run.image_sha, path))!r}, 'rb').read()\n")
+        inputs.insert(len(inputs) if run.image_after else 0, _Code("image"))
     if run.forced_ids:
         inputs.append(list(run.forced_ids))
     client = ("SyncClient(Client(api_key=os.environ.get('XAI_API_KEY'), "
@@ -196,5 +261,5 @@ def python_code(run: RunResult, host: str | None = None) -> str:
     if run.forced_ids:
         forced = ("# A branch: the second input forces the tokens up to the chosen alternative;\n"
                   "# the sampled continuation follows them.\n")
-    return (f"{imports}\n\n{forced}client = {client}\ntokens = client.sample(\n{body},\n)\n"
+    return (f"{imports}\n\n{image_line}{forced}client = {client}\ntokens = client.sample(\n{body},\n)\n"
             "print(''.join(t.token_str for t in tokens if t.token_type == 2))\n")

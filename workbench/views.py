@@ -12,6 +12,7 @@ import numpy as np
 
 from sampler_core.settings import SampleSettings
 from sampler_core.tokens import RunSummary, Token, TokenType
+from sampler_core.vision.tokens import parse_image_token  # text parsing only, no torch
 
 #: Probability bands for chip colours, highest first: (lower bound, background, label).
 PROB_BANDS: tuple[tuple[float, str, str], ...] = (
@@ -22,6 +23,7 @@ PROB_BANDS: tuple[tuple[float, str, str], ...] = (
     (0.0, "#ffadad", "< 0.05"),
 )
 PROMPT_COLOUR = "#e9ecef"
+IMAGE_CHIP_COLOUR = "#e5dbff"  # image patch tokens in the context
 
 
 def band(prob: float | None) -> int:
@@ -53,7 +55,8 @@ def chips_html(tokens: Sequence[Token], *, selected: int | None = None,
            'font-size:0.92rem;word-break:break-word">']
     for i, t in enumerate(tokens):
         unscored = t.token_type == TokenType.USER and t.logprob is None
-        colour = PROMPT_COLOUR if unscored else prob_colour(t.prob)
+        image_text = image_chip_text(t.token_str) if t.token_type == TokenType.USER else None
+        colour = IMAGE_CHIP_COLOUR if image_text else PROMPT_COLOUR if unscored else prob_colour(t.prob)
         style = (f"background:{colour};border-radius:4px;padding:1px 3px;margin:0 1px;color:#1b1b1b;"
                  "white-space:pre;")
         if i == selected:
@@ -61,28 +64,36 @@ def chips_html(tokens: Sequence[Token], *, selected: int | None = None,
         if i == marked:
             style += "outline:2px dashed #e03131;"
         tip = f"#{i + index_offset} id {t.token_id} p={t.prob:.3f}"
+        if image_text:
+            tip = f"#{i + index_offset} {t.token_str}"
         if t.rank is not None:
             tip += f" rank {t.rank}"
         out.append(f'<span class="pide-chip" title="{html.escape(tip)}" style="{style}">'
-                   f"{html.escape(visible(t.token_str))}</span>")
+                   f"{html.escape(image_text or visible(t.token_str))}</span>")
         if "\n" in t.token_str:
             out.append("<br>" * t.token_str.count("\n"))
     out.append("</div>")
     return "".join(out)
 
 
-def legend_html() -> str:
-    """The colour legend for chips."""
+def legend_html(images: bool = False) -> str:
+    """The colour legend for chips (with the image-patch chip when ``images``)."""
     items = [f'<span style="background:{c};border-radius:4px;padding:1px 6px;margin-right:6px;'
              f'color:#1b1b1b">{html.escape(label)}</span>' for _, c, label in PROB_BANDS]
     items.append(f'<span style="background:{PROMPT_COLOUR};border-radius:4px;padding:1px 6px;'
-                 'color:#1b1b1b">prompt</span>')
+                 'margin-right:6px;color:#1b1b1b">prompt</span>')
+    if images:
+        items.append(f'<span style="background:{IMAGE_CHIP_COLOUR};border-radius:4px;padding:1px 6px;'
+                     'color:#1b1b1b">▦ image patch (image row,column)</span>')
     return ('<div style="font-size:0.8rem">Chip colour = probability the token was sampled with: '
             + "".join(items) + " · spaces show as ·, newlines as ↵</div>")
 
 
 def token_label(index: int, token: Token) -> str:
     """A short label for selectors: index, visible text and probability."""
+    image_text = image_chip_text(token.token_str) if token.token_type == TokenType.USER else None
+    if image_text:
+        return f"{index} {image_text}"
     text = visible(token.token_str)
     text = text if len(text) <= 14 else text[:13] + "…"
     return f"{index} {text} · {token.prob:.2f}"
@@ -99,7 +110,9 @@ def token_rows(tokens: Sequence[Token], alternatives: int = 3) -> list[dict[str,
         alts = ", ".join(f"{visible(a.token_str)} ({a.raw_prob if a.raw_prob is not None else a.prob:.2f})"
                          for a in t.top_k[:alternatives])
         rows.append({
-            "position": t.position, "source": "prompt" if t.token_type == TokenType.USER else "model",
+            "position": t.position,
+            "source": ("image" if parse_image_token(t.token_str) else "prompt")
+            if t.token_type == TokenType.USER else "model",
             "text": visible(t.token_str), "id": t.token_id, "prob": _round(t.prob),
             "raw_prob": _round(t.raw_prob), "logprob": _round(t.logprob), "rank": t.rank,
             "entropy": _round(t.entropy), "top alternatives": alts,
@@ -127,7 +140,8 @@ class Heatmap:
 
 def context_labels(prompt_labels: Sequence[str], generated: Sequence[Token], width: int) -> list[str]:
     """Labels for ``width`` context positions: prompt tokens then generated tokens."""
-    names = [visible(s) for s in prompt_labels] + [visible(t.token_str) for t in generated]
+    names = [image_chip_text(s) or visible(s) for s in prompt_labels] + \
+        [visible(t.token_str) for t in generated]
     return [f"{i}:{names[i]}" if i < len(names) else f"{i}:?" for i in range(width)]
 
 
@@ -223,6 +237,8 @@ class RunResult:
     created: float = 0.0
     image_name: str | None = None
     source: str = "local"
+    image_sha: str | None = None      # sha256 of the image sent (bytes kept by store.put_image)
+    image_after: bool = False         # the image came after the text (else before it)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -288,3 +304,88 @@ def root_of(runs: dict[str, RunResult], run_id: str) -> str:
         seen.add(run_id)
         run_id = runs[run_id].parent_id  # type: ignore[assignment]
     return run_id
+
+
+# ----- images in the context ------------------------------------------------------------------
+
+
+def image_chip_text(text: str) -> str | None:
+    """A short chip text for an image token (``▦1 3,4``), None for any other token."""
+    patch = parse_image_token(text)
+    return None if patch is None else f"▦{patch.image} {patch.row},{patch.col}"
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """Where one image's patch tokens sit in the context.
+
+    ``positions[r][c]`` is the context position of the patch in row ``r``, column ``c``
+    (0-based here; the token texts count from 1), or None when no token names that cell.
+    """
+
+    image: int
+    rows: int
+    cols: int
+    positions: tuple[tuple[int | None, ...], ...]
+
+    @property
+    def all_positions(self) -> tuple[int, ...]:
+        """Every patch's context position, row-major."""
+        return tuple(p for row in self.positions for p in row if p is not None)
+
+
+def image_grids(tokens: Sequence[tuple[int, str]]) -> tuple[ImageGrid, ...]:
+    """``(context position, token text)`` pairs -> one patch grid per image, by image number.
+
+    Image tokens read ``<image N: patch r,c>`` (what the engine reports for a scored prompt,
+    locally and over the wire); every other text is ignored. The grid's size is the largest
+    row and column named.
+    """
+    cells: dict[int, dict[tuple[int, int], int]] = {}
+    for position, text in tokens:
+        patch = parse_image_token(text)
+        if patch is not None and patch.row >= 1 and patch.col >= 1:
+            cells.setdefault(patch.image, {})[(patch.row - 1, patch.col - 1)] = position
+    grids = []
+    for image in sorted(cells):
+        found = cells[image]
+        rows = 1 + max(r for r, _ in found)
+        cols = 1 + max(c for _, c in found)
+        grids.append(ImageGrid(image, rows, cols, tuple(
+            tuple(found.get((r, c)) for c in range(cols)) for r in range(rows))))
+    return tuple(grids)
+
+
+def run_image_grids(run: "RunResult") -> tuple[ImageGrid, ...]:
+    """The patch grids of a run's images, from its scored prompt tokens (or prompt labels)."""
+    if run.prompt_tokens:
+        return image_grids([(t.position if t.position is not None else i, t.token_str)
+                            for i, t in enumerate(run.prompt_tokens)])
+    return image_grids(list(enumerate(run.prompt_labels)))
+
+
+def overlay_matrix(weights: Sequence[float] | np.ndarray, grid: ImageGrid) -> np.ndarray:
+    """One attention row laid onto an image's patch grid: ``rows x cols``, NaN where unknown."""
+    row = np.asarray(weights, dtype=np.float32)
+    z = np.full((grid.rows, grid.cols), np.nan, dtype=np.float32)
+    for r, cells in enumerate(grid.positions):
+        for c, position in enumerate(cells):
+            if position is not None and 0 <= position < len(row):
+                z[r, c] = row[position]
+    return z
+
+
+def image_share(weights: Sequence[float] | np.ndarray, grids: Sequence[ImageGrid]) -> float:
+    """The fraction of an attention row that falls on image tokens."""
+    row = np.asarray(weights, dtype=np.float64)
+    total = float(np.nansum(row))
+    if total <= 0:
+        return 0.0
+    positions = [p for g in grids for p in g.all_positions if p < len(row)]
+    return float(np.nansum(row[positions])) / total
+
+
+def text_positions(width: int, grids: Sequence[ImageGrid]) -> list[int]:
+    """Context positions below ``width`` that are not image patches (the text-attention view)."""
+    taken = {p for g in grids for p in g.all_positions}
+    return [i for i in range(width) if i not in taken]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from workbench import state
-from workbench.components import heatmap
-from workbench.views import attention_heatmap, attention_row, context_labels, visible
+from workbench.components import heatmap, overlay
+from workbench.views import attention_heatmap, attention_row, context_labels, run_image_grids, visible
 
 AGGREGATE = "all (mean)"
 
@@ -40,6 +40,10 @@ def page() -> None:
     index = st.selectbox("Token (row)", list(range(len(generated))), key=state.ATT_ROW_W,
                          format_func=lambda i: f"{generated[i].position}: {visible(generated[i].token_str)}")
     token = generated[index]
+    if run_image_grids(run):
+        st.markdown("#### Over the image and the text")
+        overlay.panel(run, token, key="att_overlay", layer=lay, head=hd, what=what)
+        return
     row = attention_row(token, lay, hd)
     labels = context_labels(run.prompt_labels, generated, len(row))
     top = 80 if len(row) > 80 else 0

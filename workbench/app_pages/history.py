@@ -20,6 +20,11 @@ def _reopen(run_id: str) -> None:
         st.session_state[state.PROMPT_W] = run.prompt
         st.session_state[state.TOKEN_PICK_W] = None
         st.session_state["reopened"] = run_id
+        image = store.get_image(run.image_sha)
+        if image is not None:
+            # Offered (and selected) in the playground's image panel, so Run sends it again.
+            state.keep_image(f"history: {run.image_name or run.image_sha[:12]}", image,
+                             run.image_after)
 
 
 def page() -> None:
@@ -43,7 +48,18 @@ def page() -> None:
     if run is None:
         return
     if st.session_state.pop("reopened", None) == run_id:
-        st.success("Reopened: the Playground, Attention and per-token table now show this run.")
+        st.success("Reopened: the Playground, Attention and per-token table now show this run"
+                   + (", and its image is attached again." if run.image_sha else "."))
+    if run.image_sha:
+        image = store.get_image(run.image_sha)
+        left, right = st.columns([1, 5])
+        if image is not None:
+            left.image(image, width=120)
+        right.markdown(f"**Image:** {run.image_name or 'unnamed'} "
+                       f"({'after' if run.image_after else 'before'} the text) · "
+                       f"sha256 `{run.image_sha[:16]}…`")
+        if image is None:
+            right.warning("The image's kept copy is missing from the history folder.")
     chips.render(run.tokens)
     c1, c2 = st.columns(2)
     c1.button("Reopen in the playground", key="history_reopen", on_click=_reopen, args=(run_id,))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -12,11 +12,10 @@ from sampler_core.errors import SamplerError
 from sampler_core.tokens import TokenType
 
 from workbench import images, resources, state, store
-from workbench.components import chips, sidebar, topk
-from workbench.execute import stream_run
-from workbench.views import RunResult, branch_forced, root_of, token_label, token_rows, tree_rows, visible
-
-SAMPLES = Path(__file__).resolve().parents[2] / "assets" / "images"
+from workbench.components import chips, overlay, sidebar, topk
+from workbench.execute import stream_run, with_image_settings
+from workbench.views import (RunResult, branch_forced, root_of, run_image_grids, token_label,
+                             token_rows, tree_rows, visible)
 
 
 def _wrap_chat(bar: sidebar.Sidebar) -> None:
@@ -32,33 +31,63 @@ def _wrap_chat(bar: sidebar.Sidebar) -> None:
     st.session_state[state.PROMPT] = text
 
 
-def _image_panel(bar: sidebar.Sidebar) -> bytes | None:
-    """Upload or pick a sample image; returns bytes to send, or None."""
-    with st.expander("Image (for the vision model)"):
-        st.caption(f"PNG, JPEG or WebP, at most {images.MAX_IMAGE_BYTES // 2**20} MiB.")
-        upload = st.file_uploader("Upload an image", type=images.UPLOAD_TYPES, key=state.IMAGE_W)
-        samples = sorted(p.name for p in SAMPLES.glob("*.png")) if SAMPLES.is_dir() else []
-        sample = st.selectbox("…or a sample image", ["(none)", *samples], key="sample_image_w")
+@dataclass(frozen=True)
+class Attached:
+    """The image the next run sends: bytes, a name for the history, and where it goes."""
+
+    data: bytes
+    name: str
+    after: bool
+
+
+def _image_panel(bar: sidebar.Sidebar) -> Attached | None:
+    """Upload or pick an image, place it before or after the text; the image to send, or None."""
+    samples = images.sample_images()
+    kept = st.session_state.get(state.KEPT_IMAGE)
+    options = ["(none)", *samples, *([kept[0]] if kept else [])]
+    if st.session_state.get(state.SAMPLE_IMAGE_W) not in options:
+        st.session_state[state.SAMPLE_IMAGE_W] = "(none)"
+    if state.IMAGE_PLACE_W not in st.session_state:
+        st.session_state[state.IMAGE_PLACE_W] = state.PLACES[1]
+    chosen = st.session_state.get(state.IMAGE_W) is not None or \
+        st.session_state.get(state.SAMPLE_IMAGE_W, "(none)") != "(none)"
+    with st.expander("Image (for the vision model)", expanded=chosen, icon=":material/image:"):
+        c1, c2 = st.columns([3, 2])
+        upload = c1.file_uploader(f"Upload an image ({images.limit_text()})",
+                                  type=images.UPLOAD_TYPES, key=state.IMAGE_W)
+        sample = c2.selectbox("…or pick one", options, key=state.SAMPLE_IMAGE_W,
+                              help="vlm/… are pictures like the ones vlm-1 was trained on")
+        place = c2.radio("Place the image", state.PLACES, key=state.IMAGE_PLACE_W, horizontal=True,
+                         help="Where the image's tokens go relative to the prompt text. vlm-1 "
+                              "learnt both: after a chat-templated question, or before it.")
         data, name = None, None
         if upload is not None:
             data, name = upload.getvalue(), upload.name
-        elif sample != "(none)":
-            data, name = (SAMPLES / sample).read_bytes(), sample
+        elif kept and sample == kept[0]:
+            data, name = kept[1], kept[0].removeprefix("history: ")
+        elif sample in samples:
+            data, name = samples[sample].read_bytes(), sample
         if data is None:
+            st.caption("No image attached: runs send the text only.")
             return None
         try:
             checked = images.check_image(data, name or "image")
         except ValueError as exc:
             st.error(str(exc))
             return None
-        st.image(checked.data, caption=f"{name} · {checked.format} {checked.width}×{checked.height}",
-                 width=220)
-        hint = images.vision_hint(bar.models, bar.model)
-        if hint:
-            st.info(hint)
+        left, right = st.columns([1, 3])
+        left.image(checked.data, width=160)
+        right.markdown(f"**{name}** · {checked.format} {checked.width}×{checked.height} · "
+                       f"{len(checked.data) / 1024:.1f} KiB · {place}")
+        ok, message = images.vision_status(bar.models, bar.model)
+        if not ok:
+            right.warning(message, icon=":material/visibility_off:")
             return None
-        st.session_state["image_name"] = name
-        return checked.data
+        right.info(message, icon=":material/visibility:")
+        right.caption("Runs with an image also score the prompt and return attention: the "
+                      "image's patch tokens show in the output and table, and a selected "
+                      "token's attention is drawn over the picture.")
+        return Attached(checked.data, name or "image", place == state.PLACES[1])
 
 
 def _prompt_form(bar: sidebar.Sidebar) -> bool:
@@ -107,8 +136,14 @@ def _inspect(run: RunResult) -> None:
         return
     index = pick - len(run.prompt_tokens)
     alts = [a for a in token.top_k if a.token_id != token.token_id]
-    if not alts:
-        return
+    if alts:
+        _branch_controls(run, index, alts)
+    if run_image_grids(run):
+        st.markdown("##### Where this token looked")
+        overlay.panel(run, token, key="inspect_overlay")
+
+
+def _branch_controls(run: RunResult, index: int, alts: list) -> None:
     c1, c2 = st.columns([3, 1])
     c1.selectbox("Continue from here with", [a.token_id for a in alts], key=state.ALT_PICK_W,
                  format_func=lambda i: next(f"{visible(a.token_str)}  (raw p={a.raw_prob:.3f})"
@@ -177,7 +212,7 @@ def page() -> None:
     bar: sidebar.Sidebar = st.session_state["_sidebar"]
     st.title("Playground")
     submitted = _prompt_form(bar)
-    image = _image_panel(bar)
+    attached = _image_panel(bar)
     top = st.columns([6, 1])
     top[0].markdown("#### Output")
     stop = top[1].button("Stop", key=state.STOP_W, width="stretch")
@@ -191,9 +226,11 @@ def page() -> None:
         st.error("Fix the settings in the sidebar first.")
     elif submitted:
         st.session_state[state.TOKEN_PICK_W] = None
-        run = stream_run(bar, state.prompt(), bar.settings, where, image=image,
-                         image_name=st.session_state.get("image_name") if image else None,
-                         on_update=state.store_run)
+        settings = with_image_settings(bar.settings) if attached else bar.settings
+        stream_run(bar, state.prompt(), settings, where,
+                   image=attached.data if attached else None,
+                   image_name=attached.name if attached else None,
+                   image_after=attached.after if attached else False, on_update=state.store_run)
         state.seed_after_run(bar.settings.rng_seed)
     elif pending:
         parent = state.runs().get(pending[0])
@@ -205,8 +242,14 @@ def page() -> None:
             total = parent.settings.max_len + len(parent.forced_ids)
             settings = parent.settings.replace(max_len=max(0, total - len(forced)))
             st.session_state[state.TOKEN_PICK_W] = None
-            stream_run(bar, parent.prompt, settings, where, forced=forced, parent=parent,
-                       branch_index=index, on_update=state.store_run)
+            image = store.get_image(parent.image_sha)
+            if parent.image_sha and image is None:
+                st.error("The parent run's image is no longer kept in the history folder, so "
+                         "this branch cannot be run.")
+            else:
+                stream_run(bar, parent.prompt, settings, where, forced=forced, parent=parent,
+                           branch_index=index, image=image, image_name=parent.image_name,
+                           image_after=parent.image_after, on_update=state.store_run)
     current = state.current_run()
     if current is None:
         where.caption("Run a prompt to see its tokens here.")
@@ -214,7 +257,7 @@ def page() -> None:
         return
     selected = st.session_state.get(state.TOKEN_PICK_W)
     chips.render(current.tokens, where=where, selected=selected)
-    chips.legend()
+    chips.legend(images=bool(current.image_sha))
     _summary(current)
     if bar.settings is not None and st.session_state.get(state.SEED_MODE_W) == "advance":
         st.caption(f"Seed mode advance: the next run uses seed {st.session_state.get(state.PENDING_SEED, bar.settings.rng_seed)}.")

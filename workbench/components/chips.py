@@ -17,6 +17,6 @@ def render(tokens: Sequence[Token], *, where: Any = None, selected: int | None =
     (where or st).html(chips_html(tokens, selected=selected, marked=marked))
 
 
-def legend() -> None:
-    """The colour legend."""
-    st.html(legend_html())
+def legend(images: bool = False) -> None:
+    """The colour legend (with the image-patch chip when the run has images)."""
+    st.html(legend_html(images))
