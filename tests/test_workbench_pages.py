@@ -164,11 +164,11 @@ def test_history_reopen_and_code_reproduces(app, engine) -> None:
     assert app.session_state["current_run_id"] == run.run_id
 
 
-def test_sample_image_is_previewed_with_the_model_hint(app) -> None:
+def test_sample_image_with_a_text_model_says_which_model_to_choose(app) -> None:
     app.selectbox(key="sample_image_w").set_value("red_circle.png").run()
     assert not app.exception
     assert app.get("imgs") or app.get("image")
-    assert any("vlm-1" in i.value for i in app.info)
+    assert any("choose 'vlm-1'" in w.value for w in app.warning), [w.value for w in app.warning]
 
 
 def test_remote_server_failure_is_a_clear_message(app) -> None:
@@ -177,3 +177,137 @@ def test_remote_server_failure_is_a_clear_message(app) -> None:
     assert not app.exception
     assert any("Cannot connect to localhost:1" in e.value for e in app.sidebar.error)
     assert app.button(key="run_w").disabled
+
+
+VLM1_WEIGHTS = Path(__file__).resolve().parents[1] / "sampler_core" / "data" / "vlm-1" / "model.safetensors"
+
+
+@pytest.fixture
+def vlm1():
+    """vlm-1's engine (real weights)."""
+    from tests.conftest import need
+
+    need(VLM1_WEIGHTS.is_file(), f"vlm-1's weights are missing ({VLM1_WEIGHTS})")
+    from sampler_core.engine import get_engine
+
+    return get_engine("vlm-1")
+
+
+def _chart(at, key_part: str) -> dict:
+    """The plotly figure (as JSON) of the chart whose element id mentions ``key_part``."""
+    import json
+
+    charts = [c for c in at.get("plotly_chart") if key_part in c.proto.id]
+    assert charts, f"no chart {key_part!r} among {[c.proto.id[-40:] for c in at.get('plotly_chart')]}"
+    return json.loads(charts[0].proto.spec)
+
+
+def test_vision_run_image_tokens_overlay_history(app, engine, vlm1) -> None:
+    import numpy as np
+
+    from sampler_core.vision.tokens import parse_image_token
+    from workbench import store, views
+
+    app.sidebar.selectbox(key="model_w").set_value("vlm-1").run()
+    app.selectbox(key="sample_image_w").set_value("vlm/red_circle.png")
+    app.radio(key="image_place_w").set_value("after the text").run()
+    no_errors(app)
+    assert any("not about photos" in i.value for i in app.info), [i.value for i in app.info]
+    app.sidebar.slider(key="temperature_w").set_value(0.0)
+    question = vlm1.chat_prompt("What colour is the shape?")
+    run = run_prompt(app, question, max_len=4)
+    assert run.status == "done" and run.model == "vlm-1"
+    assert run.image_name == "vlm/red_circle.png" and run.image_after
+    assert store.get_image(run.image_sha) == (Path(APP).parents[1] / "assets/images/vlm/red_circle.png").read_bytes()
+    # The image went in after the text: 16 patch tokens close the scored prompt.
+    patches = [parse_image_token(t.token_str) for t in run.prompt_tokens]
+    assert all(p is None for p in patches[:-16]) and all(p is not None for p in patches[-16:])
+    assert {(p.row, p.col) for p in patches[-16:]} == {(r, c) for r in range(1, 5) for c in range(1, 5)}
+    assert run.prompt_labels == tuple(t.token_str for t in run.prompt_tokens)
+    # Per-token table: the image tokens, labelled as such, with their patch text.
+    table = frame(app, "top alternatives")
+    assert list(table["source"]).count("image") == 16
+    assert "<image·1:·patch·4,4>" in list(table["text"])
+    # Output chips show compact patch chips.
+    assert app.get("html")[0].proto.body.count("▦1 ") == 16
+    # Select the first generated token: the overlay and the text-attention bars appear.
+    first = len(run.prompt_tokens)
+    app.pills(key="token_pick_w").set_value(first).run()
+    no_errors(app)
+    token = run.generated[0]
+    grid = views.run_image_grids(run)[0]
+    spec = _chart(app, "inspect_overlay_img1")
+    heat = next(t for t in spec["data"] if t["type"] == "heatmap")
+    expected = np.round(views.overlay_matrix(token.attn_weights, grid), 4)
+    assert np.allclose(np.array(heat["z"], dtype=float), expected, atol=1e-4)
+    assert spec["layout"]["images"][0]["source"].startswith("data:image/")
+    text_bars = _chart(app, "inspect_overlay_text")["data"][0]
+    assert not any(x.startswith(tuple(f"{p}:" for p in grid.all_positions)) for x in text_bars["x"])
+    share = views.image_share(token.attn_weights, [grid])
+    assert any(f"**{share:.0%}** on the image's 16 patch tokens" in m.value for m in app.markdown)
+    # Branch from that token: the branch sends the same image, and its scored prompt stops
+    # where the forced tokens begin (image tokens included in the count).
+    alt = next(a for a in token.top_k if a.token_id != token.token_id)
+    app.selectbox(key="alt_pick_w").set_value(alt.token_id)
+    app.button(key="branch_w").click().run()
+    no_errors(app)
+    branch = app.session_state["runs"][app.session_state["current_run_id"]]
+    assert branch.parent_id == run.run_id and branch.status == "done"
+    assert branch.image_sha == run.image_sha and branch.image_after
+    assert [t.token_str for t in branch.prompt_tokens] == [t.token_str for t in run.prompt_tokens]
+    assert branch.generated[0].token_id == alt.token_id
+    app.radio(key="tree_w").set_value(run.run_id).run()
+    # The Attention page draws the same overlay for its selected row.
+    app.switch_page("app_pages/attention.py").run()
+    no_errors(app)
+    assert _chart(app, "att_overlay_img1")
+    # Compare seeds sends the playground's image too.
+    app.switch_page("app_pages/compare.py").run()
+    app.slider(key="compare_n_w").set_value(2)
+    app.button(key="compare_run_w").click().run()
+    no_errors(app)
+    assert [r.image_sha for r in app.session_state["compare_results"]] == [run.image_sha] * 2
+    # Back in the playground the image is still chosen.
+    app.switch_page("app_pages/playground.py").run()
+    assert app.selectbox(key="sample_image_w").value == "vlm/red_circle.png"
+    assert app.radio(key="image_place_w").value == "after the text"
+    # History: reopen the run; its image is attached again and a rerun matches (greedy).
+    app.switch_page("app_pages/history.py").run()
+    no_errors(app)
+    assert "image = open(" in app.code[0].value
+    app.button(key="history_reopen").click().run()
+    app.switch_page("app_pages/playground.py").run()
+    no_errors(app)
+    assert app.selectbox(key="sample_image_w").value == "history: vlm/red_circle.png"
+    assert app.radio(key="image_place_w").value == "after the text"
+    app.button(key="run_w").click().run()
+    no_errors(app)
+    again = app.session_state["runs"][app.session_state["current_run_id"]]
+    assert again.run_id != run.run_id and again.image_sha == run.image_sha
+    assert [t.token_id for t in again.tokens] == [t.token_id for t in run.tokens]
+
+
+def test_vision_run_through_a_remote_server(app, vlm1) -> None:
+    """The same image run against a gRPC server: the patch grid comes from the wire's tokens."""
+    import numpy as np
+
+    from wire_fixtures import ThreadServer
+    from workbench import views
+
+    with ThreadServer() as server:
+        app.sidebar.radio(key="backend_w").set_value("Remote server").run()
+        app.sidebar.text_input(key="remote_host_w").set_value(server.host).run()
+        no_errors(app)
+        app.sidebar.selectbox(key="model_w").set_value("vlm-1").run()
+        app.selectbox(key="sample_image_w").set_value("vlm/two_purple_squares.png")
+        app.radio(key="image_place_w").set_value("before the text").run()
+        run = run_prompt(app, "How many squares are there?", max_len=3)
+        assert run.source == server.host and run.status == "done" and not run.image_after
+        grids = views.run_image_grids(run)
+        assert len(grids) == 1 and grids[0].positions[0][0] == 0  # the image came first
+        assert grids[0].all_positions == tuple(range(16))
+        app.pills(key="token_pick_w").set_value(len(run.prompt_tokens)).run()
+        no_errors(app)
+        heat = next(t for t in _chart(app, "inspect_overlay_img1")["data"] if t["type"] == "heatmap")
+        expected = np.round(views.overlay_matrix(run.generated[0].attn_weights, grids[0]), 4)
+        assert np.allclose(np.array(heat["z"], dtype=float), expected, atol=1e-4)

@@ -33,6 +33,15 @@ class CheckedImage:
     height: int
 
 
+@dataclass(frozen=True)
+class Attached:
+    """The image the next run sends: bytes, a name for the history, and where it goes."""
+
+    data: bytes
+    name: str
+    after: bool
+
+
 def limit_text() -> str:
     """The upload limits in words."""
     return f"PNG, JPEG or WebP, at most {MAX_IMAGE_BYTES / 2**20:.0f} MiB"

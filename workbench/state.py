@@ -40,10 +40,13 @@ CHAT_MESSAGE_W = "chat_message_w"
 CHAT_SYSTEM_W = "chat_system_w"
 CHAT_WRAP_W = "chat_wrap_w"
 IMAGE_W = "image_w"                # the file uploader
-SAMPLE_IMAGE_W = "sample_image_w"  # a sample (or the reopened run's image)
+SAMPLE_IMAGE_W = "sample_image_w"  # a sample (or the kept upload / reopened run's image)
+SAMPLE_IMAGE = "sample_image"      # its value, kept while the playground is not shown
 IMAGE_PLACE_W = "image_place_w"    # "after the text" | "before the text"
-KEPT_IMAGE = "kept_image"          # (label, bytes, after) of a reopened run's image
+IMAGE_PLACE = "image_place"
+KEPT_IMAGE = "kept_image"          # (label, bytes): the last upload or a reopened run's image
 PLACES = ("before the text", "after the text")
+ATTACHED = "attached_image"        # images.Attached | None, as the playground last resolved it
 TOKEN_PICK_W = "token_pick_w"
 ALT_PICK_W = "alt_pick_w"
 BRANCH_W = "branch_w"
@@ -114,9 +117,9 @@ def pin_seed(seed: int) -> None:
 
 def keep_image(label: str, data: bytes, after: bool) -> None:
     """Offer a reopened run's image in the playground's image panel, selected."""
-    st.session_state[KEPT_IMAGE] = (label, data, after)
-    st.session_state[SAMPLE_IMAGE_W] = label
-    st.session_state[IMAGE_PLACE_W] = PLACES[1] if after else PLACES[0]
+    st.session_state[KEPT_IMAGE] = (label, data)
+    st.session_state[SAMPLE_IMAGE] = st.session_state[SAMPLE_IMAGE_W] = label
+    st.session_state[IMAGE_PLACE] = st.session_state[IMAGE_PLACE_W] = PLACES[1] if after else PLACES[0]
 
 
 def apply_pending() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench import state
+from workbench import images, state
 from workbench.components import chips, sidebar
-from workbench.execute import stream_run
+from workbench.execute import stream_run, with_image_settings
 from workbench.views import RunResult, divergence, total_logprob, visible
 
 
@@ -24,6 +24,14 @@ def page() -> None:
         st.info("Write a prompt in the Playground first.")
         return
     st.caption("Prompt: " + visible(prompt[:200]) + ("…" if len(prompt) > 200 else ""))
+    attached: images.Attached | None = state.get(state.ATTACHED)
+    if attached is not None and not images.vision_status(bar.models, bar.model)[0]:
+        attached = None
+    if attached is not None:
+        left, right = st.columns([1, 8])
+        left.image(attached.data, width=64)
+        right.caption(f"With the playground's image **{attached.name}** "
+                      f"({'after' if attached.after else 'before'} the text).")
     c1, c2, c3 = st.columns([2, 2, 1])
     n = c1.slider("Number of seeds", 2, 8, 3, key=state.COMPARE_N_W)
     base = c2.number_input("First seed", 0, 2**53 - 1, int(bar.settings.rng_seed) if bar.settings else 0,
@@ -39,7 +47,13 @@ def page() -> None:
         for i, slot in enumerate(slots):
             seed = int(base) + i
             slot.markdown(f"**seed {seed}**")
-            run = stream_run(bar, prompt, bar.settings.replace(rng_seed=seed), slot.empty())
+            settings = bar.settings.replace(rng_seed=seed)
+            if attached is not None:
+                settings = with_image_settings(settings)
+            run = stream_run(bar, prompt, settings, slot.empty(),
+                             image=attached.data if attached else None,
+                             image_name=attached.name if attached else None,
+                             image_after=attached.after if attached else False)
             results.append(run)
             st.session_state[state.COMPARE] = results
             if run.status == "error":
@@ -58,7 +72,7 @@ def page() -> None:
         with slot.container(border=True):
             st.markdown(f"**seed {run.settings.rng_seed}** · {len(run.generated)} tokens · "
                         f"Σ logprob {total_logprob(run.tokens):.2f}")
-            chips.render(run.generated, marked=at)
+            chips.render(run.generated, marked=at)  # generated only: the prompt is shared
             st.button("Pin this seed", key=f"pin_{run.run_id}", on_click=_pin,
                       args=(run.settings.rng_seed,))
 

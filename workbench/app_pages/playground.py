@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -31,26 +29,23 @@ def _wrap_chat(bar: sidebar.Sidebar) -> None:
     st.session_state[state.PROMPT] = text
 
 
-@dataclass(frozen=True)
-class Attached:
-    """The image the next run sends: bytes, a name for the history, and where it goes."""
+def _image_panel(bar: sidebar.Sidebar) -> images.Attached | None:
+    """Upload or pick an image, place it before or after the text; the image to send, or None.
 
-    data: bytes
-    name: str
-    after: bool
-
-
-def _image_panel(bar: sidebar.Sidebar) -> Attached | None:
-    """Upload or pick an image, place it before or after the text; the image to send, or None."""
+    Streamlit forgets a widget's value while its page is not shown (and a file uploader's for
+    good), so the choice is copied into plain keys; an upload is kept as an extra option.
+    """
     samples = images.sample_images()
-    kept = st.session_state.get(state.KEPT_IMAGE)
+    kept = st.session_state.get(state.KEPT_IMAGE)  # (label, bytes): an upload or a reopened run
     options = ["(none)", *samples, *([kept[0]] if kept else [])]
-    if st.session_state.get(state.SAMPLE_IMAGE_W) not in options:
+    if state.SAMPLE_IMAGE_W not in st.session_state:
+        st.session_state[state.SAMPLE_IMAGE_W] = st.session_state.get(state.SAMPLE_IMAGE, "(none)")
+    if st.session_state[state.SAMPLE_IMAGE_W] not in options:
         st.session_state[state.SAMPLE_IMAGE_W] = "(none)"
     if state.IMAGE_PLACE_W not in st.session_state:
-        st.session_state[state.IMAGE_PLACE_W] = state.PLACES[1]
+        st.session_state[state.IMAGE_PLACE_W] = st.session_state.get(state.IMAGE_PLACE, state.PLACES[1])
     chosen = st.session_state.get(state.IMAGE_W) is not None or \
-        st.session_state.get(state.SAMPLE_IMAGE_W, "(none)") != "(none)"
+        st.session_state[state.SAMPLE_IMAGE_W] != "(none)"
     with st.expander("Image (for the vision model)", expanded=chosen, icon=":material/image:"):
         c1, c2 = st.columns([3, 2])
         upload = c1.file_uploader(f"Upload an image ({images.limit_text()})",
@@ -60,11 +55,16 @@ def _image_panel(bar: sidebar.Sidebar) -> Attached | None:
         place = c2.radio("Place the image", state.PLACES, key=state.IMAGE_PLACE_W, horizontal=True,
                          help="Where the image's tokens go relative to the prompt text. vlm-1 "
                               "learnt both: after a chat-templated question, or before it.")
+        st.session_state[state.SAMPLE_IMAGE] = sample
+        st.session_state[state.IMAGE_PLACE] = place
         data, name = None, None
         if upload is not None:
             data, name = upload.getvalue(), upload.name
+            # Offered (and restored) as an option once this page's uploader has forgotten it.
+            st.session_state[state.KEPT_IMAGE] = (f"uploaded: {name}", data)
+            st.session_state[state.SAMPLE_IMAGE] = f"uploaded: {name}"
         elif kept and sample == kept[0]:
-            data, name = kept[1], kept[0].removeprefix("history: ")
+            data, name = kept[1], kept[0].split(": ", 1)[1]
         elif sample in samples:
             data, name = samples[sample].read_bytes(), sample
         if data is None:
@@ -87,7 +87,7 @@ def _image_panel(bar: sidebar.Sidebar) -> Attached | None:
         right.caption("Runs with an image also score the prompt and return attention: the "
                       "image's patch tokens show in the output and table, and a selected "
                       "token's attention is drawn over the picture.")
-        return Attached(checked.data, name or "image", place == state.PLACES[1])
+        return images.Attached(checked.data, name or "image", place == state.PLACES[1])
 
 
 def _prompt_form(bar: sidebar.Sidebar) -> bool:
@@ -213,6 +213,7 @@ def page() -> None:
     st.title("Playground")
     submitted = _prompt_form(bar)
     attached = _image_panel(bar)
+    state.put(state.ATTACHED, attached)  # Compare seeds sends it too
     top = st.columns([6, 1])
     top[0].markdown("#### Output")
     stop = top[1].button("Stop", key=state.STOP_W, width="stretch")

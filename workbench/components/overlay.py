@@ -18,6 +18,8 @@ from workbench.views import (ImageGrid, RunResult, attention_row, context_labels
 
 #: Long side of the picture as drawn; small images are scaled up so the grid reads well.
 DRAW_SIDE = 360
+OVERLAY_SCALE = [[0.0, "rgba(255,255,255,0)"], [0.25, "rgba(255,212,59,0.35)"],
+                 [0.6, "rgba(253,126,20,0.6)"], [1.0, "rgba(224,49,49,0.8)"]]
 
 
 def _picture(data: bytes | None, grid: ImageGrid) -> Image.Image:
@@ -40,9 +42,11 @@ def figure(data: bytes | None, z: np.ndarray, grid: ImageGrid, title: str) -> go
     fig = go.Figure(go.Heatmap(
         z=np.where(np.isnan(z), None, np.round(z, 4)).tolist(),
         x=[(c + 0.5) * cw for c in range(grid.cols)], y=[(r + 0.5) * ch for r in range(grid.rows)],
-        zmin=0.0, zmax=top, opacity=0.55, colorscale="Inferno", reversescale=False,
+        # Transparent at 0, a strong warm colour at the largest weight: the picture stays
+        # visible where the token did not look.
+        zmin=0.0, zmax=top, colorscale=OVERLAY_SCALE,
         customdata=[[f"{r + 1},{c + 1}" for c in range(grid.cols)] for r in range(grid.rows)],
-        texttemplate="%{z:.3f}", textfont=dict(size=12, color="white"),
+        texttemplate="%{z:.3f}", textfont=dict(size=12, color="#1b1b1b"),
         hovertemplate="patch %{customdata}<br>weight %{z:.4f}<extra></extra>",
         colorbar=dict(title=dict(text="weight", side="right"), thickness=12, len=0.9),
         xgap=1, ygap=1, hoverongaps=False))
