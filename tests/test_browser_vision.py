@@ -81,6 +81,7 @@ def _drive(server, driver, tmp_path: Path) -> None:
     chips = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "span.pide-chip")]
     assert sum(c.startswith("▦1 ") for c in chips) == 16, chips
     _no_error(driver, "after the vision run")
+    _scroll_to(driver, driver.find_element(By.XPATH, '//h4[contains(., "Output")]'))
     _shot(driver, "vision-02-run")
     # Select the first generated token: the pill right after the last image patch.
     pills = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button')
@@ -108,5 +109,6 @@ def _drive(server, driver, tmp_path: Path) -> None:
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 3)
     _idle(driver, wait)
     _no_error(driver, "attention page")
+    _shot(driver, "vision-05-attention-heatmap")
     _scroll_to(driver, driver.find_element(By.XPATH, '//h4[contains(., "Over the image and the text")]'))
-    _shot(driver, "vision-05-attention-page")
+    _shot(driver, "vision-06-attention-overlay")

@@ -275,6 +275,7 @@ def test_vision_run_image_tokens_overlay_history(app, engine, vlm1) -> None:
     app.switch_page("app_pages/history.py").run()
     no_errors(app)
     assert "image = open(" in app.code[0].value
+    assert any("**Image:** vlm/red_circle.png (after the text)" in m.value for m in app.markdown)
     app.button(key="history_reopen").click().run()
     app.switch_page("app_pages/playground.py").run()
     no_errors(app)

@@ -270,3 +270,19 @@ def test_store_keeps_images_and_migrates_old_files(tmp_path) -> None:
     conn.close()
     store.save(_run(), old)
     assert store.load("r1", old).image_sha is None
+
+
+def test_overlay_figure_lays_the_grid_over_the_picture() -> None:
+    from workbench.components import overlay
+
+    grid = views.image_grids(_image_tokens(1, 2, 4, 0))[0]
+    z = views.overlay_matrix(np.linspace(0.0, 0.7, 8), grid)
+    fig = overlay.figure(_png((40, 20)), z, grid, "t")
+    heat = fig.data[0]
+    assert fig.layout.images[0].source.startswith("data:image/")
+    w, h = fig.layout.images[0].sizex, fig.layout.images[0].sizey
+    assert w == 2 * h == overlay.DRAW_SIDE  # scaled up, aspect kept
+    assert list(heat.x) == [w / 8, 3 * w / 8, 5 * w / 8, 7 * w / 8] and list(heat.y) == [h / 4, 3 * h / 4]
+    assert heat.zmax == pytest.approx(0.7) and heat.zmin == 0.0
+    blank = overlay.figure(None, z, grid, "t")  # the kept copy is gone: a blank canvas, same grid
+    assert blank.layout.images[0].sizex == 2 * blank.layout.images[0].sizey

@@ -36,7 +36,9 @@ def page() -> None:
     what = f"layer {layer}, head {head}" if detail else "mean over all layers and heads"
     note = "" if view.col_step == 1 and view.row_step == 1 else \
         f" · downsampled ×{view.row_step} rows, ×{view.col_step} columns (block max)"
-    heatmap.heatmap(view, key="att_heatmap", title=f"{what}{note}")
+    spans = [(min(g.all_positions), max(g.all_positions), f"image {g.image}")
+             for g in run_image_grids(run) if g.all_positions]
+    heatmap.heatmap(view, key="att_heatmap", title=f"{what}{note}", spans=spans)
     index = st.selectbox("Token (row)", list(range(len(generated))), key=state.ATT_ROW_W,
                          format_func=lambda i: f"{generated[i].position}: {visible(generated[i].token_str)}")
     token = generated[index]
