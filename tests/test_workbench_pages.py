@@ -227,10 +227,13 @@ def test_vision_run_image_tokens_overlay_history(app, engine, vlm1) -> None:
     # Per-token table: the image tokens, labelled as such, with their patch text.
     table = frame(app, "top alternatives")
     assert list(table["source"]).count("image") == 16
-    assert "<image·1:·patch·4,4>" in list(table["text"])
+    assert "<image 1: patch 4,4>" in list(table["text"])
+    assert table[table["source"] == "image"]["prob"].isna().all()
     # Output chips show compact patch chips.
     assert app.get("html")[0].proto.body.count("▦1 ") == 16
-    # Select the first generated token: the overlay and the text-attention bars appear.
+    # An image token explains itself; the first generated token shows the overlay.
+    app.pills(key="token_pick_w").set_value(len(run.prompt_tokens) - 1).run()
+    assert any("is an image token" in i.value for i in app.info)
     first = len(run.prompt_tokens)
     app.pills(key="token_pick_w").set_value(first).run()
     no_errors(app)

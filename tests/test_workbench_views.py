@@ -221,7 +221,9 @@ def test_run_grids_chips_and_rows_for_image_tokens() -> None:
     assert views.run_image_grids(_run(tokens=(tok(3, "a", 0.5),), prompt_labels=run.prompt_labels)) == grids
     html = views.chips_html(run.tokens)
     assert "▦1 1,2" in html and views.IMAGE_CHIP_COLOUR in html and "&lt;image" not in html.split("title")[0]
-    assert [r["source"] for r in views.token_rows(run.tokens)] == ["image", "image", "prompt", "model"]
+    rows = views.token_rows(run.tokens)
+    assert [r["source"] for r in rows] == ["image", "image", "prompt", "model"]
+    assert rows[1]["text"] == "<image 1: patch 1,2>" and rows[1]["prob"] is None and rows[2]["prob"] == 0.3
     assert views.token_label(1, prompt[1]) == "1 ▦1 1,2"
     assert views.context_labels(run.prompt_labels, run.generated, 4) == ["0:▦1 1,1", "1:▦1 1,2", "2:Hi", "3:a"]
     assert "image patch" in views.legend_html(images=True) and "image patch" not in views.legend_html()

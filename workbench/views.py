@@ -107,12 +107,16 @@ def token_rows(tokens: Sequence[Token], alternatives: int = 3) -> list[dict[str,
     """One row per token for the per-token table (prompt tokens too, when scored)."""
     rows = []
     for t in tokens:
+        if t.token_type == TokenType.USER and parse_image_token(t.token_str):
+            # An image token's id is a placeholder: no probability or alternatives of its own.
+            rows.append({"position": t.position, "source": "image", "text": t.token_str,
+                         "id": t.token_id, "prob": None, "raw_prob": None, "logprob": None,
+                         "rank": None, "entropy": None, "top alternatives": ""})
+            continue
         alts = ", ".join(f"{visible(a.token_str)} ({a.raw_prob if a.raw_prob is not None else a.prob:.2f})"
                          for a in t.top_k[:alternatives])
         rows.append({
-            "position": t.position,
-            "source": ("image" if parse_image_token(t.token_str) else "prompt")
-            if t.token_type == TokenType.USER else "model",
+            "position": t.position, "source": "prompt" if t.token_type == TokenType.USER else "model",
             "text": visible(t.token_str), "id": t.token_id, "prob": _round(t.prob),
             "raw_prob": _round(t.raw_prob), "logprob": _round(t.logprob), "rank": t.rank,
             "entropy": _round(t.entropy), "top alternatives": alts,

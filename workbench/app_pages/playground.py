@@ -12,7 +12,7 @@ from sampler_core.tokens import TokenType
 from workbench import images, resources, state, store
 from workbench.components import chips, overlay, sidebar, topk
 from workbench.execute import stream_run, with_image_settings
-from workbench.views import (RunResult, branch_forced, root_of, run_image_grids, token_label,
+from workbench.views import (RunResult, branch_forced, image_chip_text, root_of, run_image_grids, token_label,
                              token_rows, tree_rows, visible)
 
 
@@ -129,6 +129,12 @@ def _inspect(run: RunResult) -> None:
         st.caption("Select a token above to see its probabilities and alternatives.")
         return
     token = tokens[pick]
+    patch = image_chip_text(token.token_str) if token.token_type == TokenType.USER else None
+    if patch:
+        st.info(f"`{token.token_str}` is an image token: its content is the picture's patch "
+                f"({patch}), not a word, so it has no probability of its own. Select a generated "
+                "token to see how much attention it paid to each patch.")
+        return
     topk.details(token, pick)
     topk.table(token, key="inspect_topk")
     if token.token_type == TokenType.USER:
