@@ -245,6 +245,11 @@ def test_the_image_placeholder_id_cannot_be_sent_as_a_token(tiny_llava) -> None:
         tiny_llava.start([TokenIdsPart((5, tiny_llava.image_token_id))], SampleSettings())
 
 
+def test_out_of_vocabulary_ids_name_their_position(tiny_llava) -> None:
+    with pytest.raises(InvalidInput, match=r"^inputs\[1\]: token id 999999 is outside"):
+        tiny_llava.start([ImagePart(png("red")), TokenIdsPart((5, 999999))], SampleSettings())
+
+
 def test_text_models_still_refuse_images(engine) -> None:
     with pytest.raises(InvalidInput, match=r"takes text only; send images"):
         engine.start([TextPart("a"), ImagePart(png("red"))], SampleSettings())

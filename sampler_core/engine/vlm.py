@@ -29,9 +29,9 @@ from PIL import Image
 
 from sampler_core.engine.causal_lm import CausalLMEngine, CausalLMGeneration, Plan
 from sampler_core.engine.images import decode_image
-from sampler_core.engine.models import LoadedModel, Progress, UnknownModel
+from sampler_core.engine.models import LoadedModel, Progress
 from sampler_core.engine.vision_tower import VisionTower, load_tower, to_pixels
-from sampler_core.errors import InvalidInput
+from sampler_core.errors import InvalidInput, UnknownModel
 from sampler_core.inputs import ImagePart, PromptPart, TextPart, TokenIdsPart
 from sampler_core.settings import SampleSettings
 from sampler_core.tokens import Token
@@ -203,16 +203,21 @@ class VisionLanguageEngine(CausalLMEngine):
                 labels.update({start + k: text for k, text in prepared.labels.items()})
                 images.append(prepared)
                 ids.extend(prepared.ids)
-            else:
-                if isinstance(part, TokenIdsPart) and self.image_token_id in part.ids:
+            elif isinstance(part, TextPart):
+                ids.extend(self.encode(part.text))
+            elif isinstance(part, TokenIdsPart):
+                if self.image_token_id in part.ids:
                     raise InvalidInput(
                         f"inputs[{position}]: token id {self.image_token_id} is {self.name}'s "
                         "image placeholder; send the image itself as an image part",
                         field=f"inputs[{position}]", value=self.image_token_id)
-                if isinstance(part, TextPart) and not part.text:
-                    continue
-                ids.extend(self.prompt_ids([part]) if not isinstance(part, TokenIdsPart) or
-                           part.ids else [])
+                bad = [i for i in part.ids if i >= self.vocab_size]
+                if bad:
+                    raise InvalidInput(
+                        f"inputs[{position}]: token id {bad[0]} is outside the vocabulary of "
+                        f"{self.name} (ids 0..{self.vocab_size - 1})",
+                        field=f"inputs[{position}]", value=bad[0])
+                ids.extend(part.ids)
         if not ids:
             raise InvalidInput("inputs: the prompt tokenised to no tokens", field="inputs",
                                value="")

@@ -87,6 +87,26 @@ class Scene:
             return self.caption()
         raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS} or 'caption'")
 
+    def reply(self, kind: str) -> str:
+        """The sentence the model is trained to say, e.g. 'The shape is red.'.
+
+        Whole sentences, because a frozen chat model starts its replies that way: the image
+        only has to steer the words that carry the answer, not the style.
+        """
+        many = self.count > 1
+        if kind == "colour":
+            return f"The {'shapes are' if many else 'shape is'} {self.colour}."
+        if kind == "shape":
+            return f"They are {self.shape}s." if many else f"It is a {self.shape}."
+        if kind == "position":
+            where = "in the center" if self.position == "center" else f"at the {self.position}"
+            return f"The shape is {where}."
+        if kind == "count":
+            return f"There {'are' if many else 'is'} {self.count} shape{'s' if many else ''}."
+        if kind == "caption":
+            return f"The image shows {self.caption()}."
+        raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS} or 'caption'")
+
     def png(self) -> bytes:
         """The image as PNG bytes (what a client sends)."""
         buffer = io.BytesIO()
@@ -101,7 +121,12 @@ class Example:
     scene: Scene
     kind: str
     question: str
-    answer: str
+    answer: str  # the fact asked for ('red', 'circle', 'top left', '3')
+
+    @property
+    def reply(self) -> str:
+        """The full sentence the model is trained to give."""
+        return self.scene.reply(self.kind)
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 18) -> tuple[int, ...]:
@@ -166,7 +191,7 @@ def make_example(rng: random.Random, kind: str | None = None) -> Example:
     """One scene plus one question about it (kind drawn from ``rng`` when not given)."""
     if kind is None:
         kind = rng.choices(("colour", "shape", "position", "count", "caption"),
-                           weights=(3, 3, 3, 3, 2))[0]
+                           weights=(3, 3, 3, 3, 1))[0]
     scene = make_scene(rng, single=True if kind == "position" else None)
     return Example(scene, kind, rng.choice(QUESTIONS[kind]), scene.answer(kind))
 
@@ -176,3 +201,33 @@ def test_set(per_kind: int = 100, seed: int = 1_000_003) -> list[Example]:
     uses (training draws from ``random.Random(seed)`` with small seeds)."""
     rng = random.Random(seed)
     return [make_example(rng, kind) for kind in KINDS for _ in range(per_kind)]
+
+
+#: The sample images shipped in ``assets/images/vlm/`` for the workbench: name -> scene facts.
+SAMPLES: dict[str, dict[str, object]] = {
+    "red_circle.png": {"single": True, "colour": "red", "shape": "circle", "position": "center"},
+    "blue_square_top_left.png": {"single": True, "colour": "blue", "shape": "square",
+                                 "position": "top left"},
+    "green_triangle_bottom_right.png": {"single": True, "colour": "green", "shape": "triangle",
+                                        "position": "bottom right"},
+    "three_yellow_circles.png": {"single": False, "colour": "yellow", "shape": "circle",
+                                 "count": 3},
+    "two_purple_squares.png": {"single": False, "colour": "purple", "shape": "square",
+                               "count": 2},
+}
+
+
+def write_samples(folder: "Path", scale: int = 4, seed: int = 7) -> list["Path"]:
+    """Draw the SAMPLES into ``folder``, upscaled ``scale`` times (nearest neighbour, so the
+    model's resize back to 64x64 gives the drawn pixels again)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, facts in SAMPLES.items():
+        scene = make_scene(random.Random(f"{seed}:{name}"), **facts)  # type: ignore[arg-type]
+        size = IMAGE_SIZE * scale
+        scene.image.resize((size, size), Image.Resampling.NEAREST).save(folder / name)
+        written.append(folder / name)
+    return written
