@@ -112,3 +112,9 @@ def _drive(server, driver, tmp_path: Path) -> None:
     _shot(driver, "vision-05-attention-heatmap")
     _scroll_to(driver, driver.find_element(By.XPATH, '//h4[contains(., "Over the image and the text")]'))
     _shot(driver, "vision-06-attention-overlay")
+    # History keeps the image with the run.
+    driver.find_element(By.CSS_SELECTOR, 'a[href$="/history"]').click()
+    wait.until(lambda d: any("Image:" in e.text for e in d.find_elements(By.CSS_SELECTOR, "p")))
+    _idle(driver, wait)
+    _no_error(driver, "history page")
+    _shot(driver, "vision-07-history")

@@ -258,6 +258,7 @@ def test_store_keeps_images_and_migrates_old_files(tmp_path) -> None:
     store.save(run, db)
     back = store.load("r1", db)
     assert back == run and back.image_after and back.image_sha == sha
+    assert store.list_runs(path=db)[0].image_name == "dot.png"
     code = store.python_code(back, path=db)
     assert "image = open(" in code and str(store.image_dir(db) / sha) in code
     assert "inputs=['Hi', image]" in code

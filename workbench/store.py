@@ -195,6 +195,7 @@ class HistoryEntry:
     status: str
     output: str
     num_tokens: int
+    image_name: str | None = None
 
 
 def list_runs(limit: int = 200, path: Path | None = None) -> list[HistoryEntry]:
@@ -202,7 +203,8 @@ def list_runs(limit: int = 200, path: Path | None = None) -> list[HistoryEntry]:
     conn = _connect(path)
     try:
         rows = conn.execute(
-            "SELECT run_id, created, model, prompt, seed, status, output, json_array_length(tokens) "
+            "SELECT run_id, created, model, prompt, seed, status, output, json_array_length(tokens), "
+            "image_name "
             "FROM runs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
     finally:
         conn.close()

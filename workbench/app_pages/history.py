@@ -38,7 +38,8 @@ def page() -> None:
     frame = pd.DataFrame([{
         "when": dt.datetime.fromtimestamp(e.created).strftime("%Y-%m-%d %H:%M:%S"),
         "model": e.model, "seed": e.seed, "status": e.status, "tokens": e.num_tokens,
-        "prompt": visible(e.prompt[:60]), "output": visible(e.output[:60])} for e in entries])
+        "image": e.image_name or "", "prompt": visible(e.prompt[:60]),
+        "output": visible(e.output[:60])} for e in entries])
     st.dataframe(frame, hide_index=True, key="history_table", width="stretch", height=260)
     ids = [e.run_id for e in entries]
     labels = {e.run_id: f"{dt.datetime.fromtimestamp(e.created):%H:%M:%S} · seed {e.seed} · "

@@ -68,7 +68,10 @@ def _image_panel(bar: sidebar.Sidebar) -> images.Attached | None:
         elif sample in samples:
             data, name = samples[sample].read_bytes(), sample
         if data is None:
-            st.caption("No image attached: runs send the text only.")
+            st.caption("No image attached: runs send the text only."
+                       + (" vlm-1 answers questions about pictures like the vlm/… samples; wrap "
+                          "the question with the Chat template helper."
+                          if bar.model == images.VISION_MODEL else ""))
             return None
         try:
             checked = images.check_image(data, name or "image")
