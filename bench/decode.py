@@ -4,24 +4,37 @@ A 200-token prompt, then 128 new tokens, for: (a) the engine plain (no top-k, no
 (b) top-k 20, (c) top-k 20 and attention, (d) ``generate(do_sample=True, output_scores=True)``
 on the same model as the baseline. Reports decode tokens/s (tokens after the first, over the
 time after the first) and time to first token, median of ``--reps`` runs each, interleaved so
-that drift of the machine hits every configuration alike. The last line is one JSON object.
+that drift of the machine hits every configuration alike. Also: time to first token for a
+2,000-token prompt, engine against generate() (interleaved, ``--long-reps`` each); the peak
+resident memory (VmHWM) of ``sampler-core serve`` with the default model after one request;
+and the largest deviation of the engine's decode path (packed GGUF weights unless
+``PROMPT_IDE_WEIGHTS=float32``) from a float32 full forward: greedy tokens and probabilities.
+The last line is one JSON object.
 
-    python bench/decode.py [--reps 3] [--new-tokens 128] [--prompt-tokens 200]
+    python bench/decode.py [--reps 3] [--new-tokens 128] [--prompt-tokens 200] [--long-reps 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import re
 import resource
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from sampler_core import Client
 from sampler_core.engine import get_engine
 from sampler_core.inputs import TokenIdsPart
 from sampler_core.settings import SampleSettings
@@ -82,11 +95,72 @@ def time_generate(engine: Any, ids: list[int], new: int) -> tuple[float, float]:
     return (new - 1) / (clock.stamps[-1] - clock.stamps[0]), (clock.stamps[0] - start) * 1000
 
 
+def server_peak_rss_mb() -> float:
+    """VmHWM of ``sampler-core serve`` (default model) after one 16-token request with attention."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sampler_core.cli", "serve", "--port", "0", "--data-dir",
+         tempfile.mkdtemp(prefix="sampler-bench-rss-")], cwd=root, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        host = None
+        for line in proc.stdout:  # type: ignore[union-attr]
+            match = re.match(r"listening on .*:(\d+)$", line.strip())
+            if match:
+                host = f"localhost:{match.group(1)}"
+                break
+        if host is None:
+            raise RuntimeError("the server did not start")
+
+        async def one_request() -> int:
+            client = Client(api_host=host)
+            try:
+                events = client.sampler.sample_events(TEXT, max_len=16, rng_seed=0,
+                                                      stop_at_eos=False, return_attention=True)
+                return sum([isinstance(e, Token) async for e in events])
+            finally:
+                await client.close()
+
+        if asyncio.run(one_request()) != 16:
+            raise RuntimeError("the server's request made too few tokens")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+PROMPTS = ("The three primary colours are", "def fibonacci(n):",
+           "Once upon a time in a small village,", "The capital of France is", "Water boils at")
+
+
+def deviation(engine: Any, new: int) -> dict[str, Any]:
+    """The engine's greedy run against a float32 full forward over the same tokens."""
+    worst, same = 0.0, 0
+    for text in PROMPTS:
+        ids = engine.encode(text)
+        s = SampleSettings(max_len=new, temperature=0.0, stop_at_eos=False)
+        tokens = [e for e in engine.start([TokenIdsPart(tuple(ids))], s) if isinstance(e, Token)]
+        got = [t.token_id for t in tokens]
+        with torch.inference_mode():
+            logits = engine.model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
+        probs = torch.softmax(logits, dim=-1)
+        same += got == logits.argmax(-1).tolist()
+        worst = max(worst, max(abs(t.raw_prob - float(probs[n, t.token_id]))
+                               for n, t in enumerate(tokens)))
+    return {"prompts": len(PROMPTS), "same_greedy_tokens": same, "max_prob_diff": worst}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=200)
+    parser.add_argument("--long-prompt-tokens", type=int, default=2000)
+    parser.add_argument("--long-reps", type=int, default=2)
     args = parser.parse_args(argv)
 
     engine = get_engine("")
@@ -106,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             tok_s, ttft = results[name][-1]
             print(f"rep {rep + 1} {name:<10} {tok_s:6.2f} tok/s  ttft {ttft:7.1f} ms",
                   file=sys.stderr, flush=True)
+    long_ids = prompt_ids(engine, args.long_prompt_tokens)
+    long: dict[str, list[float]] = {"engine": [], "generate": []}
+    for rep in range(args.long_reps):  # TTFT only: two new tokens each
+        long["engine"].append(time_engine(engine, long_ids, 2, top_k=20)[1])
+        long["generate"].append(time_generate(engine, long_ids, 2)[1])
+        print(f"rep {rep + 1} ttft {args.long_prompt_tokens}: engine {long['engine'][-1]:.0f} ms,"
+              f" generate {long['generate'][-1]:.0f} ms", file=sys.stderr, flush=True)
+    dev = deviation(engine, args.new_tokens)
+    print(f"deviation from float32: {dev}", file=sys.stderr, flush=True)
+    server_rss = server_peak_rss_mb()
     tok_s = {n: statistics.median(r[0] for r in rs) for n, rs in results.items()}
     ttft = {n: round(statistics.median(r[1] for r in rs), 1) for n, rs in results.items()}
     report = {
@@ -117,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_topk": round(tok_s["topk"] / tok_s["generate"], 3),
         "ratio_topk_attn": round(tok_s["topk_attn"] / tok_s["generate"], 3),
         "ttft_ms": ttft,
+        "ttft_2000_ms": round(statistics.median(long["engine"]), 1),
+        "generate_ttft_2000_ms": round(statistics.median(long["generate"]), 1),
+        "ratio_ttft_2000": round(statistics.median(long["generate"])
+                                 / statistics.median(long["engine"]), 3),
+        "server_peak_rss_mb": round(server_rss, 1),
+        "weights": engine._fast.weights if engine._fast is not None else "transformers",
+        "deviation_from_float32": dev,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,

@@ -19,7 +19,9 @@ from sampler_core.engine.attention import recorder_for
 from sampler_core.engine.base import Event, FairLock
 from sampler_core.engine.fast_llama import FastLlama, KVCache, supports
 from sampler_core.engine.models import LoadedModel
+from sampler_core.engine.packed import packed_for
 from sampler_core.engine.processors import LogitsProcessor, build_chain
+from sampler_core.engine.threads import one_thread
 from sampler_core.errors import ContextOverflow, InvalidInput, InvalidSettings
 from sampler_core.inputs import ImagePart, PromptPart, TextPart, TokenIdsPart
 from sampler_core.settings import InputToken, SampleSettings
@@ -78,8 +80,10 @@ class CausalLMEngine:
         self._word_marker = self._detect_word_marker()
         self._steps = FairLock()
         self._recorder = recorder_for(config)
-        # Llama-shaped models run through the lean runner; others through transformers.
-        self._fast = FastLlama(self.model) if supports(self.model) else None
+        # Llama-shaped models run through the lean runner; others through transformers. A model
+        # from a GGUF file decodes from its packed blocks (same weights, a fifth of the bytes).
+        self._fast = (FastLlama(self.model, packed_for(self.name, self.model))
+                      if supports(self.model) else None)
 
     # ----- tokenizer -------------------------------------------------------------------------
 
@@ -281,12 +285,14 @@ class CausalLMEngine:
         probs = logprobs.exp()
         raw_logprob = float(logprobs[token_id])
         values, ids = torch.topk(probs, settings.top_k) if settings.top_k else (probs[:0], [])
+        # One gather per list rather than one tensor index per top-k entry.
+        ids = ids.tolist() if len(ids) else []
+        top_logprobs = logprobs[ids].tolist()
+        top_probs = processed[ids].tolist() if processed is not None else values.tolist()
         top_k = tuple(
-            Token(token_id=int(i), token_str=self.piece(int(i)),
-                  prob=float(processed[i]) if processed is not None else float(v),
-                  token_type=TokenType.MODEL, raw_prob=float(v),
-                  logprob=float(logprobs[i]), rank=n + 1)
-            for n, (v, i) in enumerate(zip(values.tolist(), ids.tolist() if len(ids) else [])))
+            Token(token_id=i, token_str=self.piece(i), prob=p, token_type=TokenType.MODEL,
+                  raw_prob=v, logprob=lp, rank=n + 1)
+            for n, (v, i, p, lp) in enumerate(zip(values.tolist(), ids, top_probs, top_logprobs)))
         mean = rows.mean(dim=(0, 1)).tolist() if rows is not None else []
         return Token(
             token_id=token_id, token_str=self.piece(token_id),
@@ -326,10 +332,12 @@ class CausalLMEngine:
                 finish = FinishReason.CANCELLED
                 break
             # 2. Processors (masks, temperature, nucleus) turn raw logits into the sampling law.
-            processed = torch.softmax(plan.chain(last), dim=-1)
-            # 3. Pick: argmax when greedy, else a draw from the seeded generator.
-            token_id = int(torch.argmax(processed)) if s.greedy else \
-                int(torch.multinomial(processed, 1, generator=rng))
+            #    This vocabulary math runs on this thread alone (see threads.py).
+            with one_thread():
+                processed = torch.softmax(plan.chain(last), dim=-1)
+                # 3. Pick: argmax when greedy, else a draw from the seeded generator.
+                token_id = int(torch.argmax(processed)) if s.greedy else \
+                    int(torch.multinomial(processed, 1, generator=rng))
             # 4. A stop token or EOS ends the run and is not part of the output.
             if token_id in plan.stop_ids or (s.stop_at_eos and token_id == self.eos_id):
                 finish = FinishReason.STOP_TOKEN if token_id in plan.stop_ids else FinishReason.EOS
@@ -337,8 +345,10 @@ class CausalLMEngine:
                 break
             # 5. Record the token with its raw and processed probabilities, top-k, attention.
             generated.append(token_id)
-            yield self._token(token_id, last, processed, s, len(plan.prompt_ids) + index,
-                              TokenType.MODEL, rows)
+            with one_thread():
+                token = self._token(token_id, last, processed, s, len(plan.prompt_ids) + index,
+                                    TokenType.MODEL, rows)
+            yield token
             # 6. A stop string ends the run after the token that completed it.
             match = self._stop_string(generated, s.stop_strings)
             if match is not None:

@@ -22,6 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sampler_core.engine import packed as packed_kernels
+from sampler_core.engine.packed import PackedLinear, PackedLlama
+
+#: Up to this many new positions a forward reads the packed weights; a longer prefill is
+#: compute-bound and runs through BLAS on float32 weights rebuilt from the blocks per layer.
+PACKED_MAX_STEPS = 32
+
 
 @dataclass
 class KVCache:
@@ -44,6 +51,11 @@ def _fuse(module: Any, names: tuple[str, ...]) -> torch.Tensor:
     return fused
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor | PackedLinear) -> torch.Tensor:
+    """``x @ weight.T`` for a float32 or a packed weight."""
+    return weight(x) if isinstance(weight, PackedLinear) else F.linear(x, weight)
+
+
 def supports(model: Any) -> bool:
     """Whether this runner can drive the model exactly."""
     config = model.config
@@ -58,8 +70,10 @@ def supports(model: Any) -> bool:
 class FastLlama:
     """Runs a LlamaForCausalLM step by step with a preallocated cache."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, packed: PackedLlama | None = None) -> None:
         config = model.config
+        #: The same weights kept as GGUF blocks, for decode steps (``packed.py``); or None.
+        self.packed = packed
         self.model = model
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
@@ -72,25 +86,56 @@ class FastLlama:
         self.lm_head = model.lm_head.weight
         self.final_norm = model.model.norm.weight
         self.rotary = model.model.rotary_emb
+        self.hidden = config.hidden_size
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv * self.head_dim
         self.layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            if packed is None:
+                qkv, gate_up = (_fuse(attn, ("q_proj", "k_proj", "v_proj")),
+                                _fuse(mlp, ("gate_proj", "up_proj")))
+            else:
+                # Never read: the packed blocks stand in. Left unfused, the model's own float32
+                # weights stay untouched pages of the mapped safetensors file, not memory.
+                qkv = gate_up = None
             self.layers.append((
-                layer.input_layernorm.weight,
-                _fuse(attn, ("q_proj", "k_proj", "v_proj")),
-                attn.o_proj.weight,
-                layer.post_attention_layernorm.weight,
-                _fuse(mlp, ("gate_proj", "up_proj")),
-                mlp.down_proj.weight,
+                layer.input_layernorm.weight, qkv, attn.o_proj.weight,
+                layer.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight,
             ))
-        self.intermediate = self.layers[0][5].shape[1]
+        self.intermediate = config.intermediate_size
+        self._cos = self._sin = torch.empty(0, self.head_dim)
+        if packed is not None and packed_kernels.kernel() is None:
+            self.packed = None
+        if self.packed is not None:
+            # Addresses for the C decode step: the tensors live as long as this runner.
+            self._layer_addresses = [
+                (w_in.data_ptr(), w_post.data_ptr(), *(p.blocks.data_ptr() for p in parts))
+                for (w_in, _, _, w_post, _, _), parts in zip(self.layers, self.packed.layers)]
+
+    @property
+    def weights(self) -> str:
+        """What decode steps read: ``packed`` GGUF blocks or ``float32`` tensors."""
+        return "packed" if self.packed is not None else "float32"
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache for up to ``capacity`` positions."""
         shape = (self.num_layers, self.num_kv, capacity, self.head_dim)
-        return KVCache(torch.empty(shape), torch.empty(shape))
+        device = self.embed.device  # the cache follows the model's device
+        return KVCache(torch.empty(shape, device=device), torch.empty(shape, device=device))
+
+    def _rotary(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[end - start, head_dim]`` from a table grown as positions are reached.
+
+        The rotary module computes each position independently (an outer product, then cos
+        and sin), so a row of the table equals what a call for that position alone returns.
+        """
+        if end > self._cos.shape[0]:
+            size = max(end, 2 * self._cos.shape[0], 256)
+            positions = torch.arange(size, device=self.embed.device).unsqueeze(0)
+            cos, sin = self.rotary(torch.empty(1, 1, device=self.embed.device), positions)
+            self._cos, self._sin = cos[0].contiguous(), sin[0].contiguous()
+        return self._cos[start:end], self._sin[start:end]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As LlamaRMSNorm, in float32.
@@ -113,13 +158,21 @@ class FastLlama:
         x = self.embed[input_ids] if inputs_embeds is None else inputs_embeds.float()
         steps, start = x.shape[0], cache.length
         end = start + steps
-        positions = torch.arange(start, end).unsqueeze(0)
-        cos, sin = self.rotary(x.unsqueeze(0), positions)
-        cos, sin = cos[0].unsqueeze(0), sin[0].unsqueeze(0)  # [1, T, head_dim]
-        rows = torch.empty(self.num_layers, self.num_heads, end) if attention else None
+        rows = (torch.empty(self.num_layers, self.num_heads, end, device=x.device)
+                if attention else None)
+        if steps == 1 and self.packed is not None:
+            hidden = self._norm(self._decode_packed(x, cache, rows), self.final_norm)
+            return self.packed.lm_head(hidden), rows
+        cos, sin = (t.unsqueeze(0) for t in self._rotary(start, end))  # [1, T, head_dim]
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
+            if self.packed is not None:
+                parts = self.packed.layers[index]
+                # Few positions: the kernel reads the blocks. Many: compute-bound, so BLAS on
+                # this layer's weights rebuilt in float32 (bit for bit the same), then dropped.
+                w_qkv, w_o, w_gate_up, w_down = (parts if steps <= PACKED_MAX_STEPS
+                                                 else [p.unpack() for p in parts])
             # Attention block.
-            qkv = F.linear(self._norm(x, w_in), w_qkv)
+            qkv = _linear(self._norm(x, w_in), w_qkv)
             q = qkv[:, :self.q_size].view(steps, self.num_heads, self.head_dim).transpose(0, 1)
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(
                 steps, self.num_kv, self.head_dim).transpose(0, 1)
@@ -140,22 +193,56 @@ class FastLlama:
                 out = F.scaled_dot_product_attention(
                     q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                     is_causal=start == 0, enable_gqa=True,
-                    attn_mask=None if start == 0 else self._prefix_mask(start, steps))
+                    attn_mask=None if start == 0 else self._prefix_mask(start, steps, x.device))
                 out = out[0].transpose(0, 1).reshape(steps, self.q_size)
                 if rows is not None:
                     # Only the last query's row: it sees every key, so no mask.
                     last = q[:, -1:].reshape(self.num_kv, self.group, self.head_dim)
                     rows[index] = torch.softmax(last @ keys.transpose(1, 2) * self.scale,
                                                 dim=-1).reshape(self.num_heads, end)
-            x = x + F.linear(out, w_o)
+            x = x + _linear(out, w_o)
             # MLP block.
-            gate, up = F.linear(self._norm(x, w_post), w_gate_up).split(self.intermediate, -1)
-            x = x + F.linear(F.silu(gate) * up, w_down)
+            gate, up = _linear(self._norm(x, w_post), w_gate_up).split(self.intermediate, -1)
+            x = x + _linear(F.silu(gate) * up, w_down)
         cache.length = end
         hidden = self._norm(x if all_logits else x[-1:], self.final_norm)
-        return F.linear(hidden, self.lm_head), rows
+        head = (self.packed.lm_head if self.packed is not None and hidden.shape[0] <= PACKED_MAX_STEPS
+                else self.lm_head)
+        return _linear(hidden, head), rows
+
+    def _decode_packed(self, x: torch.Tensor, cache: KVCache,
+                       rows: torch.Tensor | None) -> torch.Tensor:
+        """One new position through every layer in the C kernel; returns the hidden state.
+
+        The same arithmetic as the loop in ``forward`` (norm, q/k/v, rotary, cache write,
+        attention with its weights into ``rows``, output, MLP), one call per layer.
+        """
+        lib = packed_kernels.kernel()
+        packed_kernels.use_threads(torch.get_num_threads())
+        x = x.clone()  # updated in place
+        start, capacity = cache.length, cache.keys.shape[2]
+        if start >= capacity:
+            raise ValueError(f"the KV cache holds {capacity} positions; position {start} is past it")
+        end = start + 1
+        cos, sin = self._rotary(start, end)
+        scratch = torch.empty(2 * self.hidden + 2 * self.q_size + 2 * self.kv_size
+                              + 3 * self.intermediate + self.num_heads * end)
+        layer_floats = self.num_kv * capacity * self.head_dim
+        keys, values = cache.keys.data_ptr(), cache.values.data_ptr()
+        for index, (w_in, w_post, w_qkv, w_o, w_gate_up, w_down) in enumerate(
+                self._layer_addresses):
+            offset = index * layer_floats * 4
+            lib.decode_layer(
+                x.data_ptr(), self.hidden, self.num_heads, self.num_kv, self.head_dim,
+                self.intermediate, self.eps, self.scale, w_in, w_post, w_qkv, w_o, w_gate_up,
+                w_down, cos.data_ptr(), sin.data_ptr(), keys + offset, values + offset,
+                capacity, start, None if rows is None else rows[index].data_ptr(),
+                scratch.data_ptr())
+        cache.length = end
+        return x
 
     @staticmethod
-    def _prefix_mask(start: int, steps: int) -> torch.Tensor:
+    def _prefix_mask(start: int, steps: int, device: torch.device) -> torch.Tensor:
         """Causal mask for ``steps`` new queries after ``start`` cached positions."""
-        return torch.ones(steps, start + steps, dtype=torch.bool).tril(diagonal=start)
+        return torch.ones(steps, start + steps, dtype=torch.bool, device=device).tril(
+            diagonal=start)

@@ -1,0 +1,352 @@
+"""Weights kept packed as the GGUF file ships them, multiplied in float32.
+
+The default model *is* its 4-bit weights: every linear layer is GGUF Q4_1 (blocks of 32 with
+``w = d * q + m``, ``q`` in 0..15, ``d`` and ``m`` float16) and the tied embedding / output head
+is Q8_0 (``w = d * q``, ``q`` int8). Dequantised to float32 these are exact, and that float32
+model is our reference. A decode step is a matrix-vector product per layer, bound by memory
+traffic: 538 MB a token in float32 against 97 MB packed.
+
+torch's own int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) is fast only for bfloat16
+activations, which change answers (float32 and bfloat16 greedy runs part within 128 tokens);
+with float32 activations it takes a scalar path ~100x slower than float32 ``linear``. So this
+module carries a small C kernel (AVX-512, compiled once with the system C compiler into the
+model cache, loaded with ctypes) that, per 32-weight block, rebuilds each weight exactly as the
+reference does (``fma(q, d, m)``: ``d * q`` is exact, so one rounding, bit for bit the float32
+weight) and accumulates ``x * w`` in float32. Only the order of the sums differs from a float32
+matmul, as it would between any two BLAS libraries. Rows are shared among as many threads as
+torch uses (a small pool in the kernel, robust to a busy machine), each row summed by one
+thread in a fixed order, so results do not depend on the thread count.
+
+Nothing here is used when the kernel cannot be built (no compiler, no AVX-512) or the weights
+in the GGUF file do not reproduce the loaded model's bit for bit: the engine then runs float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+Q4_1_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of nibbles (32 weights)
+Q8_0_BLOCK_BYTES = 34  # float16 d, 32 int8 weights
+BLOCK = 32
+#: The packed linears of one layer, in order.
+LAYER_PARTS = ("qkv", "o", "gate_up", "down")
+WEIGHT_MODES = ("packed", "float32")
+
+_SOURCE_FILE = Path(__file__).with_name("packed_kernel.c")
+
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mf16c", "-mfma", "-pthread", "-shared", "-fPIC"]
+
+_lib: Any = None
+_lib_error: str | None = None
+_lib_lock = threading.Lock()
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "f16c", "fma"))
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (gcc or $CC) to build the packed-weight kernel")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".kernel-", dir=target.parent))
+    try:
+        source = scratch / _SOURCE_FILE.name
+        source.write_text(_SOURCE_FILE.read_text())
+        out = scratch / target.name
+        done = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(out), "-lm"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the packed-weight kernel failed: {done.stderr[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent builders each leave a whole file
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def kernel() -> Any:
+    """The compiled kernel library (built on first use), or None with ``kernel_error()`` set."""
+    global _lib, _lib_error
+    with _lib_lock:
+        if _lib is not None or _lib_error is not None:
+            return _lib
+        try:
+            if not _cpu_has_avx512():
+                raise RuntimeError("this CPU lacks AVX-512 (the packed-weight kernel needs it)")
+            from sampler_core.engine.models import cache_root
+
+            text = _SOURCE_FILE.read_text() + " ".join(_FLAGS)
+            key = hashlib.sha256(text.encode()).hexdigest()[:16]
+            target = cache_root() / "kernels" / f"packed-{key}.so"
+            if not target.is_file():
+                _build(target)
+            lib = ctypes.CDLL(str(target))
+            lib.packed_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                          ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                          ctypes.c_void_p]
+            lib.packed_matmul.restype = None
+            lib.decode_layer.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 5
+                                         + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 10
+                                         + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2)
+            lib.decode_layer.restype = None
+            lib.packed_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                              ctypes.c_int, ctypes.c_void_p]
+            lib.packed_dequantize.restype = None
+            lib.pool_threads.argtypes = [ctypes.c_int]
+            lib.pool_threads(torch.get_num_threads())
+            _lib = lib
+        except (OSError, RuntimeError, AttributeError) as exc:
+            _lib_error = str(exc)
+        return _lib
+
+
+def use_threads(threads: int) -> None:
+    """Let the kernel use ``threads`` threads (the caller's included), as torch does."""
+    if _lib is not None:
+        _lib.pool_threads(threads)
+
+
+def kernel_error() -> str | None:
+    """Why the kernel is unavailable (None when it loaded or was not tried)."""
+    return _lib_error
+
+
+@dataclass
+class PackedLinear:
+    """A ``[out, in]`` linear weight in GGUF blocks; ``layer(x)`` is ``x @ w.T`` in float32."""
+
+    blocks: torch.Tensor  # uint8 [out, in / 32 * block bytes]
+    kind: int  # 0: Q4_1, 1: Q8_0
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        rows = x.shape[0]
+        y = torch.empty(rows, self.out_features)
+        _lib.packed_matmul(self.kind, x.data_ptr(), rows, self.in_features,
+                           self.blocks.data_ptr(), self.out_features, y.data_ptr())
+        return y
+
+    def unpack(self) -> torch.Tensor:
+        """The float32 weight, rebuilt by the kernel (for a long prefill, which is compute-bound
+        and runs faster through BLAS on a transient float32 copy, one layer at a time)."""
+        out = torch.empty(self.out_features, self.in_features)
+        _lib.packed_dequantize(self.kind, self.blocks.data_ptr(), self.out_features,
+                               self.in_features, out.data_ptr())
+        return out
+
+    def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the float32 weight these blocks stand for (as gguf-py has it)."""
+        size = Q4_1_BLOCK_BYTES if self.kind == 0 else Q8_0_BLOCK_BYTES
+        rows = self.blocks[start:stop].numpy()
+        raw = rows.reshape(-1, size)
+        d = raw[:, :2].copy().view(np.float16).astype(np.float32)
+        if self.kind == 0:
+            m = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
+            qs = raw[:, 4:]
+            q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+            w = d * q + m
+        else:
+            w = raw[:, 2:].view(np.int8).astype(np.float32) * d
+        return torch.from_numpy(w.reshape(rows.shape[0], self.in_features))
+
+    def equals(self, weight: torch.Tensor, chunk: int = 2048) -> bool:
+        """Whether the blocks dequantise bit for bit to ``weight`` (checked a chunk at a time)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            return False
+        return all(torch.equal(self.dequantize(start, start + chunk), weight[start:start + chunk])
+                   for start in range(0, self.out_features, chunk))
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+
+def _unpermute_rows(blocks: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary row permutation of q/k, as transformers' GGUF loader does."""
+    half = blocks.shape[0] // heads // 2
+    return blocks.reshape(heads, half, 2, -1).swapaxes(1, 2).reshape(blocks.shape)
+
+
+def _packed(tensor: Any, heads: int | None = None) -> PackedLinear:
+    kind = {"Q4_1": 0, "Q8_0": 1}[tensor.tensor_type.name]
+    blocks = np.asarray(tensor.data)
+    if heads is not None:
+        blocks = _unpermute_rows(blocks, heads)
+    out_features = int(tensor.shape[1])
+    in_features = int(tensor.shape[0])
+    # A copy: the reader's arrays map the file read-only.
+    return PackedLinear(torch.from_numpy(np.array(blocks)), kind, out_features, in_features)
+
+
+def _cat(parts: list[PackedLinear]) -> PackedLinear:
+    return PackedLinear(torch.cat([p.blocks for p in parts]).contiguous(), parts[0].kind,
+                        sum(p.out_features for p in parts), parts[0].in_features)
+
+
+@dataclass
+class PackedLlama:
+    """Per layer ``(qkv, o, gate_up, down)`` packed linears, and the packed output head."""
+
+    layers: list[tuple[PackedLinear, PackedLinear, PackedLinear, PackedLinear]]
+    lm_head: PackedLinear
+
+    @property
+    def nbytes(self) -> int:
+        return self.lm_head.nbytes + sum(w.nbytes for layer in self.layers for w in layer)
+
+
+def load_packed(gguf_path: Path, model: Any) -> PackedLlama | None:
+    """The model's linear weights from its GGUF file, kept packed; None if any does not match.
+
+    A layer is kept packed only in the GGUF types the kernel knows (Q4_1 linears, a Q8_0
+    head), and only when its blocks dequantise bit for bit to the loaded float32 weight (which
+    also checks the row order of q and k).
+    """
+    import gguf
+
+    if kernel() is None:
+        return None
+    reader = gguf.GGUFReader(str(gguf_path))
+    tensors = {t.name: t for t in reader.tensors}
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    # GGUF name -> (module, attribute, heads whose rotary row order was permuted).
+    names = {"attn_q": ("self_attn", "q_proj", heads), "attn_k": ("self_attn", "k_proj", kv_heads),
+             "attn_v": ("self_attn", "v_proj", None), "attn_output": ("self_attn", "o_proj", None),
+             "ffn_gate": ("mlp", "gate_proj", None), "ffn_up": ("mlp", "up_proj", None),
+             "ffn_down": ("mlp", "down_proj", None)}
+    supported = ("Q4_1", "Q8_0")
+
+    def take(name: str, module_weight: torch.Tensor, rows_heads: int | None) -> PackedLinear | None:
+        tensor = tensors.get(name)
+        if tensor is None or tensor.tensor_type.name not in supported:
+            return None
+        packed = _packed(tensor, rows_heads)
+        if packed.in_features % BLOCK or not packed.equals(module_weight):
+            return None
+        return packed
+
+    layers = []
+    for index, layer in enumerate(model.model.layers):
+        found: dict[str, PackedLinear] = {}
+        for gguf_name, (module, attr, rows_heads) in names.items():
+            weight = getattr(getattr(layer, module), attr).weight
+            packed = take(f"blk.{index}.{gguf_name}.weight", weight, rows_heads)
+            if packed is None:
+                return None
+            found[gguf_name] = packed
+        layers.append((_cat([found["attn_q"], found["attn_k"], found["attn_v"]]),
+                       found["attn_output"], _cat([found["ffn_gate"], found["ffn_up"]]),
+                       found["ffn_down"]))
+    head_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    lm_head = take(head_name, model.lm_head.weight, None)
+    if lm_head is None:
+        return None
+    return PackedLlama(layers, lm_head)
+
+
+def _cache_file(gguf_path: Path) -> Path:
+    from sampler_core.engine.models import cache_root
+
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return cache_root() / "packed" / f"{gguf_path.stem}-{key.hexdigest()[:16]}.safetensors"
+
+
+def _save(packed: PackedLlama, target: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"lm_head": packed.lm_head.blocks}
+    shapes = {"lm_head": [packed.lm_head.kind, packed.lm_head.out_features,
+                          packed.lm_head.in_features]}
+    for index, layer in enumerate(packed.layers):
+        for part, linear in zip(LAYER_PARTS, layer):
+            name = f"layers.{index}.{part}"
+            tensors[name] = linear.blocks
+            shapes[name] = [linear.kind, linear.out_features, linear.in_features]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_suffix(f".{os.getpid()}.tmp")
+    save_file(tensors, str(scratch), metadata={"shapes": json.dumps(shapes)})
+    os.replace(scratch, target)
+
+
+def _load(source: Path) -> PackedLlama:
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as handle:
+        shapes = json.loads(handle.metadata()["shapes"])
+
+        def linear(name: str) -> PackedLinear:
+            kind, out_features, in_features = shapes[name]
+            return PackedLinear(handle.get_tensor(name), kind, out_features, in_features)
+
+        count = sum(1 for name in shapes if name.endswith(f".{LAYER_PARTS[0]}"))
+        layers = [tuple(linear(f"layers.{i}.{part}") for part in LAYER_PARTS)
+                  for i in range(count)]
+        return PackedLlama(layers, linear("lm_head"))  # type: ignore[arg-type]
+
+
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file a model of this registry name was loaded from, if it was one."""
+    from sampler_core.engine.models import DEFAULT_MODEL_NAME, bundled_gguf_path
+
+    if name == DEFAULT_MODEL_NAME:
+        return bundled_gguf_path()
+    path = Path(name)
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def weights_mode() -> str:
+    """``$PROMPT_IDE_WEIGHTS``: ``packed`` (default, same answers as float32) or ``float32``."""
+    mode = os.environ.get("PROMPT_IDE_WEIGHTS", "packed").strip().lower() or "packed"
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"PROMPT_IDE_WEIGHTS must be one of {', '.join(WEIGHT_MODES)}, "
+                         f"got {mode!r}")
+    return mode
+
+
+def packed_for(name: str, model: Any) -> PackedLlama | None:
+    """Packed weights for a loaded model when its GGUF file has them and the kernel builds.
+
+    The first time, the blocks are read from the GGUF file and checked against the loaded
+    float32 weights bit for bit, then cached (about 97 MB for the default model) so later
+    loads take well under a second.
+    """
+    source = gguf_source(name)
+    on_cpu = next(model.parameters()).device.type == "cpu"  # the kernel is a CPU kernel
+    if source is None or not on_cpu or weights_mode() != "packed" or kernel() is None:
+        return None
+    cached = _cache_file(source)
+    if cached.is_file():
+        try:
+            packed = _load(cached)
+            if len(packed.layers) == len(model.model.layers):
+                return packed
+        except (OSError, KeyError, ValueError):
+            pass  # rebuilt below
+    packed = load_packed(source, model)
+    if packed is not None:
+        try:
+            _save(packed, cached)
+        except OSError:
+            pass  # no cache: the next load checks again
+    return packed

@@ -1,0 +1,115 @@
+"""The fast decode path (packed GGUF weights, C decode step) gives the float32 model's answers.
+
+The reference is transformers' own float32 forward over the dequantised weights (the model as
+loaded, untouched by the fast path). Same greedy tokens, probabilities within 1e-3, attention
+rows equal to eager attention, results independent of the thread count, seeds reproducible.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import need
+from sampler_core.inputs import TokenIdsPart
+from sampler_core.settings import SampleSettings
+from sampler_core.tokens import Token
+
+PROMPTS = (
+    "The three primary colours are",
+    "def fibonacci(n):",
+    "Once upon a time in a small village,",
+    "Water boils at",
+    # Longer than PACKED_MAX_STEPS: its prefill runs on weights rebuilt from the blocks.
+    "The history of the printing press begins in the fifteenth century, when movable type "
+    "changed how books were made, sold and read across Europe. Printers in Venice, Paris and "
+    "London soon competed for the best type, paper and ink, and",
+)
+
+
+@pytest.fixture(scope="module")
+def fast(engine):
+    """The engine, which must be running its packed decode path."""
+    from sampler_core.engine import packed
+
+    need(packed.kernel() is not None, f"packed-weight kernel unavailable: {packed.kernel_error()}")
+    assert engine._fast is not None and engine._fast.weights == "packed"
+    return engine
+
+
+def tokens_of(engine, ids, **settings) -> list[Token]:
+    run = engine.start([TokenIdsPart(tuple(ids))], SampleSettings(stop_at_eos=False, **settings))
+    return [e for e in run if isinstance(e, Token)]
+
+
+def test_packed_blocks_are_the_float32_weights_bit_for_bit(fast) -> None:
+    packed = fast._fast.packed
+    layer = fast.model.model.layers[7]
+    qkv = torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                     layer.self_attn.v_proj.weight])
+    assert packed.layers[7][0].equals(qkv)
+    assert torch.equal(packed.layers[7][3].unpack(), layer.mlp.down_proj.weight)
+    assert packed.lm_head.equals(fast.model.lm_head.weight)
+
+
+def test_greedy_128_tokens_match_the_float32_reference(fast) -> None:
+    assert len(PROMPTS) >= 5
+    for text in PROMPTS:
+        ids = fast.encode(text)
+        tokens = tokens_of(fast, ids, max_len=128, temperature=0.0)
+        got = [t.token_id for t in tokens]
+        with torch.inference_mode():
+            logits = fast.model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
+        assert got == logits.argmax(-1).tolist(), text
+        probs = torch.softmax(logits, dim=-1)
+        expected = probs[torch.arange(len(got)), torch.tensor(got)]
+        assert max(abs(t.raw_prob - float(e)) for t, e in zip(tokens, expected)) < 1e-3
+
+
+def test_sampling_is_deterministic_per_seed(fast) -> None:
+    ids = fast.encode(PROMPTS[2])
+    settings = dict(max_len=24, temperature=1.0, nucleus_p=0.95, top_k=5, return_attention=True)
+    first = tokens_of(fast, ids, rng_seed=11, **settings)
+    again = tokens_of(fast, ids, rng_seed=11, **settings)
+    assert first == again
+    other = tokens_of(fast, ids, rng_seed=12, **settings)
+    assert [t.token_id for t in other] != [t.token_id for t in first]
+
+
+def test_results_do_not_depend_on_the_thread_count(fast) -> None:
+    from sampler_core.engine import packed
+
+    x = torch.randn(3, fast._fast.hidden, generator=torch.Generator().manual_seed(0))
+    head = fast._fast.packed.lm_head
+    packed.use_threads(1)
+    try:
+        one = head(x)
+    finally:
+        packed.use_threads(torch.get_num_threads())
+    assert torch.equal(one, head(x))
+
+
+def test_decode_attention_rows_equal_eager_attention_after_a_long_prefill(fast) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ids = fast.encode(PROMPTS[-1])
+    tokens = tokens_of(fast, ids, max_len=3, temperature=0.0, return_attention=True,
+                       full_attention=True)
+    context = ids + [t.token_id for t in tokens][:2]
+    eager = AutoModelForCausalLM.from_pretrained(fast.model.name_or_path,
+                                                 attn_implementation="eager")
+    with torch.inference_mode():
+        maps = eager(torch.tensor([context]), output_attentions=True).attentions
+    last_rows = torch.stack([m[0, :, -1, :] for m in maps]).numpy()
+    assert last_rows.shape == tokens[2].attention.weights.shape
+    assert abs(last_rows - tokens[2].attention.weights).max() < 1e-4
+
+
+def test_weights_mode_is_validated(monkeypatch) -> None:
+    from sampler_core.engine.packed import weights_mode
+
+    monkeypatch.setenv("PROMPT_IDE_WEIGHTS", "float32")
+    assert weights_mode() == "float32"
+    monkeypatch.setenv("PROMPT_IDE_WEIGHTS", "int3")
+    with pytest.raises(ValueError, match="PROMPT_IDE_WEIGHTS must be one of packed, float32"):
+        weights_mode()
