@@ -145,10 +145,11 @@ class PackedLinear:
                            self.blocks.data_ptr(), self.out_features, y.data_ptr())
         return y
 
-    def unpack(self) -> torch.Tensor:
+    def unpack(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 weight, rebuilt by the kernel (for a long prefill, which is compute-bound
         and runs faster through BLAS on a transient float32 copy, one layer at a time)."""
-        out = torch.empty(self.out_features, self.in_features)
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features)
         _lib.packed_dequantize(self.kind, self.blocks.data_ptr(), self.out_features,
                                self.in_features, out.data_ptr())
         return out
