@@ -305,7 +305,9 @@ def test_vision_run_through_a_remote_server(app, vlm1) -> None:
         app.sidebar.selectbox(key="model_w").set_value("vlm-1").run()
         app.selectbox(key="sample_image_w").set_value("vlm/two_purple_squares.png")
         app.radio(key="image_place_w").set_value("before the text").run()
-        run = run_prompt(app, "How many squares are there?", max_len=3)
+        # Sampling runs on past an end-of-sequence token, so a generated token exists.
+        run = run_prompt(app, "How many squares are there?", max_len=3, stop_at_eos=False)
+        assert len(run.generated) == 3 and run.settings.stop_at_eos is False
         assert run.source == server.host and run.status == "done" and not run.image_after
         grids = views.run_image_grids(run)
         assert len(grids) == 1 and grids[0].positions[0][0] == 0  # the image came first

@@ -110,6 +110,9 @@ def test_forms_parse_and_report_the_field() -> None:
     with pytest.raises(InvalidSettings) as err:
         forms.build_settings(values)
     assert err.value.field == "allowed_tokens"
+    values.update(disallowed_tokens="")
+    assert forms.build_settings(values).stop_at_eos is True
+    assert forms.build_settings({**values, "stop_at_eos": False}).stop_at_eos is False
 
 
 def test_store_round_trip_and_code(tmp_path) -> None:

@@ -41,4 +41,5 @@ def build_settings(values: dict[str, Any]) -> SampleSettings:
         disallowed_tokens=parse_tokens(values.get("disallowed_tokens", "")),
         return_attention=values.get("return_attention", False),
         full_attention=values.get("full_attention", False),
-        score_prompt=values.get("score_prompt", False))
+        score_prompt=values.get("score_prompt", False),
+        stop_at_eos=values.get("stop_at_eos", True))

@@ -119,6 +119,10 @@ def render() -> Sidebar:
                  "layer and head selectors")
         bar.slots["return_attention"] = st.empty()
         values["score_prompt"] = st.checkbox("Score the prompt", key=state.SCORE_W)
+        values["stop_at_eos"] = st.checkbox(
+            "Stop at end-of-sequence", value=True, key=state.STOP_AT_EOS_W,
+            help="End the run when the model emits its end-of-sequence token; off, sampling "
+                 "runs on to max_len")
         try:
             bar.settings = build_settings(values)
         except InvalidArgument as exc:
