@@ -146,6 +146,16 @@ class CausalLMEngine:
 
     # ----- planning: every check before any model work ----------------------------------------
 
+    def check_token_ids(self, part: TokenIdsPart, position: int) -> tuple[int, ...]:
+        """A token-ids part's ids, refused when one lies outside the vocabulary."""
+        bad = [i for i in part.ids if i >= self.vocab_size]
+        if bad:
+            raise InvalidInput(
+                f"inputs[{position}]: token id {bad[0]} is outside the vocabulary of "
+                f"{self.name} (ids 0..{self.vocab_size - 1})",
+                field=f"inputs[{position}]", value=bad[0])
+        return part.ids
+
     def prompt_ids(self, parts: Sequence[PromptPart]) -> list[int]:
         """Prompt parts -> context token ids. Text-only engines refuse images."""
         ids: list[int] = []
@@ -153,13 +163,7 @@ class CausalLMEngine:
             if isinstance(part, TextPart):
                 ids.extend(self.encode(part.text))
             elif isinstance(part, TokenIdsPart):
-                bad = [i for i in part.ids if i >= self.vocab_size]
-                if bad:
-                    raise InvalidInput(
-                        f"inputs[{position}]: token id {bad[0]} is outside the vocabulary of "
-                        f"{self.name} (ids 0..{self.vocab_size - 1})",
-                        field=f"inputs[{position}]", value=bad[0])
-                ids.extend(part.ids)
+                ids.extend(self.check_token_ids(part, position))
             elif isinstance(part, ImagePart):
                 raise InvalidInput(
                     f"inputs[{position}]: model {self.name!r} takes text only; send images "

@@ -211,13 +211,7 @@ class VisionLanguageEngine(CausalLMEngine):
                         f"inputs[{position}]: token id {self.image_token_id} is {self.name}'s "
                         "image placeholder; send the image itself as an image part",
                         field=f"inputs[{position}]", value=self.image_token_id)
-                bad = [i for i in part.ids if i >= self.vocab_size]
-                if bad:
-                    raise InvalidInput(
-                        f"inputs[{position}]: token id {bad[0]} is outside the vocabulary of "
-                        f"{self.name} (ids 0..{self.vocab_size - 1})",
-                        field=f"inputs[{position}]", value=bad[0])
-                ids.extend(part.ids)
+                ids.extend(self.check_token_ids(part, position))
         if not ids:
             raise InvalidInput("inputs: the prompt tokenised to no tokens", field="inputs",
                                value="")

@@ -150,40 +150,35 @@ class SamplerService(pb_grpc.SamplerServicer):
 
     async def SampleTokens(self, request: pb.SampleTokensRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SampleTokensResponse]:
+        async for message in self._sample_rpc(
+                request, context, lambda: convert.parts_from_proto(request.inputs, request.prompt)):
+            yield message
+
+    async def TokenizeAndSampleTokens(
+            self, request: pb.TokenizeAndSampleTokensRequest,
+            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SampleTokensResponse]:
+        async for message in self._sample_rpc(
+                request, context,
+                lambda: convert.parts_from_proto([pb.PromptInput(text=request.text)])):
+            yield message
+
+    async def _sample_rpc(self, request: Any, context: grpc.aio.ServicerContext,
+                          parts: Callable[[], Sequence[PromptPart]]
+                          ) -> AsyncIterator[pb.SampleTokensResponse]:
+        """Both sampling RPCs: check the key first (a bad key runs nothing), then sample."""
         try:
-            account = self._account(context)  # first: a bad key runs nothing
+            account = self._account(context)
             self._check_size(request)
-            parts = convert.parts_from_proto(request.inputs, request.prompt)
             settings = convert.settings_from_proto(
                 request.settings if request.HasField("settings") else None,
                 request.return_attention)
-            async for message in self._sample(account, parts, settings, request.model_name,
+            async for message in self._sample(account, parts(), settings, request.model_name,
                                               context):
                 yield message
             return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a clean status
-            error = exc
-        await self._fail(context, error)
-
-    async def TokenizeAndSampleTokens(
-            self, request: pb.TokenizeAndSampleTokensRequest,
-            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SampleTokensResponse]:
-        try:
-            account = self._account(context)
-            self._check_size(request)
-            parts = convert.parts_from_proto([pb.PromptInput(text=request.text)])
-            settings = convert.settings_from_proto(
-                request.settings if request.HasField("settings") else None,
-                request.return_attention)
-            async for message in self._sample(account, parts, settings, request.model_name,
-                                              context):
-                yield message
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
             error = exc
         await self._fail(context, error)
 
