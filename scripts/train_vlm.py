@@ -1,19 +1,20 @@
 """Train ``vlm-1``: a small vision tower and projector onto the frozen SmolLM2-135M-Instruct.
 
 LLaVA-style, on synthetic images from ``sampler_core.vision.synthetic``, reproducible from
-``--seed``, sized for a 2-core CPU (about 15-25 minutes):
+``--seed``, sized for a 2-core CPU (about 10 minutes of training):
 
-1. Stage 1 (no language model run): the patch encoder learns colour, shape, count and
-   position with small classification heads on its pooled features, and the projector learns
-   to put each patch near the embedding of words for what it shows (" red" + " circle" where a
-   red circle is, " background" elsewhere). Cheap, and stage 2 then starts from image tokens
-   the language model half reads already, each standing for its own patch (so attention over
-   the patch grid points at the shapes).
-2. Stage 2 (tower + projector through the frozen language model): chat-formatted questions with
-   the image's patch embeddings spliced into the user turn (before the question, after it, or
-   after the assistant header, as the SDK's ``inputs=(prompt, image)`` sends it); the loss is the
-   answer's tokens. The system prompt, the same for every example, is computed once and reused
-   as a KV-cache prefix; batches are padded to a multiple of 8 tokens so few shapes occur.
+1. Stage 1 (no language model run, ~1.5 min): the patch encoder learns colour, shape, count
+   and position (small classification heads on its pooled features), and the projector learns
+   to make the 16 image tokens *read as words*: per token it scores a small vocabulary of the
+   language model's own tokens (cross-entropy) so that the tokens spell the scene's
+   description, "The image shows one red circle at the top left. To answer your question:"
+   (newline-padded to 16). The tower outputs the softmax mix of those words' input
+   embeddings, so the frozen chat model already answers by copying from its context.
+2. Stage 2 (projector + per-token vectors through the frozen language model, encoder frozen):
+   chat-formatted questions with the image tokens before the question in the user turn
+   (``image_first``) or after the whole chat prompt (``image_last``, what the SDK's
+   ``inputs=(prompt, image)`` sends) - the two layouts ``evaluate.py`` scores; the loss is the
+   reply sentence's tokens (``Scene.reply``); batches are padded to a multiple of 8 tokens.
 
 Then it saves ``model.safetensors`` + ``config.json`` into ``--out`` and, unless
 ``--no-eval``, scores the held-out test set through the real engine (``get_engine("vlm-1")``)
@@ -37,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 from sampler_core.engine import get_engine  # noqa: E402
 from sampler_core.engine.vision_tower import (TowerConfig, VisionTower, save_tower,  # noqa: E402
                                               to_pixels)
-from sampler_core.vision.synthetic import (COLOURS, COUNTS, POSITIONS, SHAPES,  # noqa: E402
-                                           make_example, make_scene)
+from sampler_core.vision.synthetic import (COLOURS, COUNT_WORDS, COUNTS,  # noqa: E402
+                                           POSITIONS, SHAPES, make_example, make_scene)
 
 DEFAULT_OUT = ROOT / "sampler_core" / "data" / "vlm-1"
 IMG = None  # marks where the image's patch embeddings go in a segment list
@@ -91,57 +91,75 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 10) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def occupied(image, grid: int) -> torch.Tensor:
-    """``[grid*grid]`` bools: which patches hold at least a little of a shape."""
-    rgb = torch.from_numpy(np.asarray(image, dtype=np.int16))
-    counts = image.getcolors(image.width * image.height)
-    background = torch.tensor(max(counts)[1], dtype=torch.int16)
-    differs = (rgb - background).abs().sum(-1) > 60
-    side = image.width // grid
-    cells = differs.reshape(grid, side, grid, side).float().mean(dim=(1, 3))
-    return (cells > 0.06).flatten()
+#: What the 16 image tokens are trained to read: a sentence the chat model can copy from.
+#: Padded with newlines to the grid's 16 tokens.
+TEMPLATE_END = " To answer your question:"
 
 
-def word_targets(engine, scenes: list, grid: int) -> torch.Tensor:
-    """``[B, grid*grid, hidden]``: per patch, the embedding sum of its words (see stage 1)."""
-    table = engine.model.get_input_embeddings().weight.detach()
-
-    def embed(word: str) -> torch.Tensor:
-        return table[engine.encode(" " + word)].sum(0)
-
-    cache: dict[str, torch.Tensor] = {}
-    out = []
-    for scene in scenes:
-        key = f"{scene.colour}/{scene.shape}"
-        if key not in cache:
-            cache[key] = embed(scene.colour) + embed(scene.shape)
-        if "background" not in cache:
-            cache["background"] = embed("background")
-        mask = occupied(scene.image, grid)
-        out.append(torch.stack([cache[key] if m else cache["background"] for m in mask]))
-    return torch.stack(out)
+def description(scene) -> str:
+    """'The image shows one red circle at the top left. To answer your question:'."""
+    plural = "s" if scene.count > 1 else ""
+    where = ""
+    if scene.position is not None:
+        where = " in the center" if scene.position == "center" else f" at the {scene.position}"
+    return (f"The image shows {COUNT_WORDS[scene.count]} {scene.colour} {scene.shape}{plural}"
+            f"{where}.{TEMPLATE_END}")
 
 
-def stage1(tower: VisionTower, heads: AuxHeads, engine, rng: random.Random, steps: int,
-           batch: int) -> None:
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=2e-3,
-                            weight_decay=0.01)
+class Vocabulary:
+    """The description words' token ids, and each scene's 16 target slots over them."""
+
+    def __init__(self, engine, slots: int) -> None:
+        self.engine, self.slots = engine, slots
+        self.pad = engine.encode("\n")
+        scenes = [(c, s, n, p) for c in COLOURS for s in SHAPES for n in COUNTS
+                  for p in ([None] + (list(POSITIONS) if n == 1 else []))]
+        ids: set[int] = set(self.pad)
+        for facts in scenes:
+            ids.update(self.ids(SimpleScene(*facts)))
+        self.vocab = tuple(sorted(ids))
+        self.index = {t: k for k, t in enumerate(self.vocab)}
+
+    def ids(self, scene) -> list[int]:
+        ids = self.engine.encode(description(scene))
+        if len(ids) > self.slots:
+            raise ValueError(f"description of {scene} is {len(ids)} tokens, over {self.slots}")
+        return ids + self.pad * (self.slots - len(ids))
+
+    def targets(self, scenes: list) -> torch.Tensor:
+        return torch.tensor([[self.index[t] for t in self.ids(s)] for s in scenes])
+
+
+class SimpleScene:
+    """Scene facts without an image (to enumerate the vocabulary)."""
+
+    def __init__(self, colour: str, shape: str, count: int, position: str | None) -> None:
+        self.colour, self.shape, self.count, self.position = colour, shape, count, position
+
+
+def stage1(tower: VisionTower, heads: AuxHeads, vocab: Vocabulary, rng: random.Random,
+           steps: int, batch: int) -> None:
+    """Encoder + projector's word scores: classify the scene and read out its description."""
+    params = [p for n, p in tower.named_parameters() if n != "slot_bias"]
+    opt = torch.optim.AdamW(params + list(heads.parameters()), lr=2e-3, weight_decay=0.01)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, 2e-3)
-        scenes = [make_scene(rng) if i % 4 else make_scene(rng, single=True)
+        scenes = [make_scene(rng) if i % 3 else make_scene(rng, single=True)
                   for i in range(batch)]
         pixels = torch.stack([to_pixels(s.image, tower.config.image_size) for s in scenes])
         features = tower.features(pixels)
         loss, acc = heads.loss(features, scenes)
-        targets = word_targets(engine, scenes, tower.config.grid)
-        align = F.mse_loss(tower.projector(features), targets) / targets.pow(2).mean()
-        loss = loss + align
-        acc["align"] = float(align)
+        logits = tower.projector(features)
+        targets = vocab.targets(scenes)
+        words = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss = loss + words
+        acc["words"] = float(words.detach())
+        acc["sentence"] = float((logits.argmax(-1) == targets).all(-1).float().mean())
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 25 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             log(f"stage1 step {step}/{steps} loss {float(loss):.3f} " +
                 " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
 
@@ -159,39 +177,27 @@ class Stage2:
         self.system = full[: full.index("<|im_start|>user")] + "<|im_start|>user\n"
         self.end_user = "<|im_end|>\n<|im_start|>assistant\n"
         self.end_id = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        with torch.no_grad():
-            out = self.llm(input_ids=torch.tensor([engine.encode(self.system)]), use_cache=True)
-        self.prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self.prefix_len = len(engine.encode(self.system))
+        self.system_ids = engine.encode(self.system)
 
     def segments(self, question: str, rng: random.Random) -> list:
-        """Where the image goes relative to the question, varied as users will vary it."""
+        """Where the image goes: before the question in the user turn (``image_first``) or
+        after the whole chat prompt (``image_last``, as the SDK's ``inputs=(prompt, image)``
+        sends it) - the two layouts ``sampler_core.vision.evaluate`` scores."""
         enc = self.engine.encode
-        r = rng.random()
-        if r < 0.6:
-            sep = rng.choice(["\n", "", " "])
-            return [IMG, enc(sep + question + self.end_user)]
-        if r < 0.8:
-            sep = rng.choice(["\n", " ", ""])
-            return [enc(question + sep), IMG, enc(self.end_user)]
+        if rng.random() < 0.5:
+            return [IMG, enc("\n" + question + self.end_user)]
         return [enc(question + self.end_user), IMG]
-
-    def cache(self, batch: int) -> DynamicCache:
-        cache = DynamicCache(config=self.llm.config)
-        for index, (k, v) in enumerate(self.prefix):
-            cache.update(k.expand(batch, -1, -1, -1).contiguous(),
-                         v.expand(batch, -1, -1, -1).contiguous(), index)
-        return cache
 
     def loss(self, examples: list, rng: random.Random) -> tuple[torch.Tensor, dict]:
         pixels = torch.stack([to_pixels(e.scene.image, self.tower.config.image_size)
                               for e in examples])
-        features = self.tower.features(pixels)
-        images = self.tower.projector(features)
+        with torch.no_grad():  # the encoder is done after stage 1
+            features = self.tower.features(pixels)
+        images = self.tower.project(features)
         rows, targets = [], []
         for n, example in enumerate(examples):
             answer = self.engine.encode(example.reply) + [self.end_id]
-            pieces = []
+            pieces = [self.embed(torch.tensor(self.system_ids))]
             for segment in self.segments(example.question, rng):
                 pieces.append(images[n] if segment is IMG else
                               self.embed(torch.tensor(segment)))
@@ -204,14 +210,14 @@ class Stage2:
         x = torch.zeros(len(rows), length, rows[0].shape[1])
         for n, row in enumerate(rows):
             x[n, : row.shape[0]] = row  # right padding: causal attention never sees it
-        hidden = self.llm.model(inputs_embeds=x, past_key_values=self.cache(len(rows)),
-                                use_cache=True).last_hidden_state
+        # The whole sequence, system prompt included: a reused KV-cache prefix did not match
+        # the full forward pass (logits off by up to 30), which had stage 2 train on garbage.
+        hidden = self.llm.model(inputs_embeds=x, use_cache=False).last_hidden_state
         index_b = torch.tensor([n for n, t in enumerate(targets) for _ in t])
         index_p = torch.tensor([p for t in targets for p, _ in t])
         labels = torch.tensor([tok for t in targets for _, tok in t])
         logits = self.llm.lm_head(hidden[index_b, index_p]).float()
         lm_loss = F.cross_entropy(logits, labels)
-        aux_loss, _ = self.heads.loss(features, [e.scene for e in examples])
         # Whole-reply accuracy under teacher forcing, per kind: a cheap progress signal.
         right = (logits.argmax(-1) == labels).tolist()
         hits, k = [], 0
@@ -221,17 +227,17 @@ class Stage2:
         by_kind: dict[str, list[bool]] = {}
         for example, hit in zip(examples, hits):
             by_kind.setdefault(example.kind, []).append(hit)
-        return lm_loss + 0.2 * aux_loss, {
+        return lm_loss, {
             "lm": float(lm_loss), **{k: sum(v) / len(v) for k, v in by_kind.items()}}
 
 
 def stage2(trainer: Stage2, rng: random.Random, steps: int, batch: int,
            lr: float) -> None:
     tower = trainer.tower
-    encoder = [p for n, p in tower.named_parameters() if not n.startswith("projector")]
+    # Only the projector's word scores and the per-slot vectors learn here.
     opt = torch.optim.AdamW([
-        {"params": encoder + list(trainer.heads.parameters()), "peak": lr / 4},
-        {"params": list(tower.projector.parameters()), "peak": lr},
+        {"params": list(tower.projector.parameters()), "peak": lr / 10},
+        {"params": [tower.slot_bias], "peak": lr},
     ], weight_decay=0.0)
     started = time.time()
     for step in range(steps):
@@ -241,7 +247,7 @@ def stage2(trainer: Stage2, rng: random.Random, steps: int, batch: int,
         loss, stats = trainer.loss(examples, rng)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         if step % 5 == 0 or step == steps - 1:
             per_step = (time.time() - started) / (step + 1)
@@ -254,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--stage1-steps", type=int, default=150)
+    parser.add_argument("--stage1-steps", type=int, default=1500)
     parser.add_argument("--stage1-batch", type=int, default=32)
-    parser.add_argument("--stage2-steps", type=int, default=100)
-    parser.add_argument("--stage2-lr", type=float, default=3e-3,
+    parser.add_argument("--stage2-steps", type=int, default=150)
+    parser.add_argument("--stage2-lr", type=float, default=2e-3,
                         help="projector's peak learning rate (the encoder gets a quarter)")
     parser.add_argument("--stage2-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -271,10 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         rng = random.Random(args.seed)
         engine = get_engine("")
-        tower = VisionTower(TowerConfig(llm_hidden=engine.model.config.hidden_size))
+        vocab = Vocabulary(engine, TowerConfig().num_patches)
+        tower = VisionTower(TowerConfig(llm_hidden=engine.model.config.hidden_size,
+                                        vocab=vocab.vocab))
+        table = engine.model.get_input_embeddings().weight.detach()
+        tower.vocab_embeds.copy_(table[list(vocab.vocab)].float())
         heads = AuxHeads(tower.config.width)
         log(f"tower: {sum(p.numel() for p in tower.parameters())} parameters")
-        stage1(tower, heads, engine, rng, args.stage1_steps, args.stage1_batch)
+        stage1(tower, heads, vocab, rng, args.stage1_steps, args.stage1_batch)
         stage2(Stage2(engine, tower, heads), rng, args.stage2_steps, args.stage2_batch,
                args.stage2_lr)
         minutes = (time.time() - started) / 60

@@ -4,6 +4,13 @@ LLaVA-style: the image (64x64 RGB) becomes a ``grid x grid`` map of patch featur
 transformer mixes them (so every patch token also knows the whole scene, which counting needs),
 and a two-layer MLP projects each patch into the language model's embedding space. Those
 vectors take the place of token embeddings in the prompt; the language model stays frozen.
+
+With a word vocabulary (``TowerConfig.vocab``, token ids of the language model) the projector
+speaks the language model's own language: it scores the vocabulary's words for each of the
+16 image tokens and outputs the softmax mix of those words' input embeddings (stored with the
+tower as ``vocab_embeds``), plus a small learned per-slot vector. Trained so that the 16
+tokens read like a sentence ("The image shows one red circle at the top left. ..."), the
+frozen chat model answers by copying from its context.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class TowerConfig:
     llm_hidden: int = 576
     #: Which language model the projector was trained onto (a registry name).
     language_model: str = "smollm2-135m-instruct"
+    #: Token ids the projector mixes (empty: a free MLP projector, the older design).
+    vocab: tuple[int, ...] = ()
 
     @property
     def num_patches(self) -> int:
@@ -63,8 +72,13 @@ class VisionTower(nn.Module):
                                            activation="gelu", batch_first=True, norm_first=True)
         self.mixer = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(w)
+        out = len(config.vocab) or config.llm_hidden
         self.projector = nn.Sequential(nn.Linear(w, config.llm_hidden), nn.GELU(),
-                                       nn.Linear(config.llm_hidden, config.llm_hidden))
+                                       nn.Linear(config.llm_hidden, out))
+        if config.vocab:
+            # Filled by training from the language model's embedding table; saved with the tower.
+            self.register_buffer("vocab_embeds", torch.zeros(len(config.vocab), config.llm_hidden))
+            self.slot_bias = nn.Parameter(torch.zeros(config.num_patches, config.llm_hidden))
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> patch features ``[B, grid*grid, width]`` (row-major patches)."""
@@ -72,8 +86,15 @@ class VisionTower(nn.Module):
         x = self.to_width(x.flatten(2).transpose(1, 2)) + self.pos
         return self.norm(self.mixer(x))
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch features -> language-model input embeddings ``[B, grid*grid, llm_hidden]``."""
+        out = self.projector(features)
+        if not self.config.vocab:
+            return out
+        return out.softmax(-1) @ self.vocab_embeds + self.slot_bias
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.features(pixels))
+        return self.project(self.features(pixels))
 
 
 def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
@@ -89,12 +110,16 @@ def save_tower(tower: VisionTower, folder: Path, metadata: dict[str, str] | None
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in tower.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata=metadata or {})
-    (folder / "config.json").write_text(json.dumps(asdict(tower.config), indent=2) + "\n")
+    config = asdict(tower.config)
+    config["vocab"] = list(config["vocab"])
+    (folder / "config.json").write_text(json.dumps(config) + "\n")
 
 
 def load_tower(folder: Path) -> VisionTower:
     """Read a tower saved by :func:`save_tower` (eval mode, no gradients)."""
-    config = TowerConfig(**json.loads((folder / "config.json").read_text()))
+    raw = json.loads((folder / "config.json").read_text())
+    raw["vocab"] = tuple(raw.get("vocab", ()))
+    config = TowerConfig(**raw)
     tower = VisionTower(config)
     tower.load_state_dict(load_file(str(folder / "model.safetensors")))
     tower.eval()
