@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--stage1-steps", type=int, default=1500)
     parser.add_argument("--stage1-batch", type=int, default=32)
-    parser.add_argument("--stage2-steps", type=int, default=150)
+    parser.add_argument("--stage2-steps", type=int, default=250)
     parser.add_argument("--stage2-lr", type=float, default=2e-3,
                         help="projector's peak learning rate (the encoder gets a quarter)")
     parser.add_argument("--stage2-batch", type=int, default=8)
