@@ -95,6 +95,11 @@ def panel(run: RunResult, token: Token, *, key: str, layer: int | None = None,
             st.caption("The image itself was not kept with this run; the grid is drawn blank.")
         st.caption("Each cell is one image token (patch); the colour scale runs from 0 to the "
                    "largest patch weight.")
+        if run.model == "vlm-1":
+            st.caption("vlm-1's 16 image tokens are learned slots that each carry part of a "
+                       "description of the whole picture, not a crop of it: here a cell shows "
+                       "which slot the token read, not where in the picture it looked. Models "
+                       "whose image tokens are patches (SmolVLM, LLaVA) map cells to places.")
     with right:
         positions = text_positions(len(row), grids)
         labels = context_labels(run.prompt_labels, run.generated, len(row))
