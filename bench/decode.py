@@ -19,14 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import resource
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +30,7 @@ from typing import Any, Callable
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from _server import running_server
 from sampler_core import Client
 from sampler_core.engine import get_engine
 from sampler_core.inputs import TokenIdsPart
@@ -97,20 +94,7 @@ def time_generate(engine: Any, ids: list[int], new: int) -> tuple[float, float]:
 
 def server_peak_rss_mb() -> float:
     """VmHWM of ``sampler-core serve`` (default model) after one 16-token request with attention."""
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sampler_core.cli", "serve", "--port", "0", "--data-dir",
-         tempfile.mkdtemp(prefix="sampler-bench-rss-")], cwd=root, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        host = None
-        for line in proc.stdout:  # type: ignore[union-attr]
-            match = re.match(r"listening on .*:(\d+)$", line.strip())
-            if match:
-                host = f"localhost:{match.group(1)}"
-                break
-        if host is None:
-            raise RuntimeError("the server did not start")
+    with running_server() as (proc, host):
 
         async def one_request() -> int:
             client = Client(api_host=host)
@@ -125,12 +109,6 @@ def server_peak_rss_mb() -> float:
             raise RuntimeError("the server's request made too few tokens")
         status = Path(f"/proc/{proc.pid}/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 PROMPTS = ("The three primary colours are", "def fibonacci(n):",

@@ -19,12 +19,8 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,22 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _server import running_server  # noqa: E402
 from sampler_core import Client, LocalClient, Token  # noqa: E402
 
 PROMPT = "In a distant future, humanity has spread across the stars, and"
-
-
-def start_server(max_concurrent: int) -> tuple[subprocess.Popen[str], str]:
-    data_dir = tempfile.mkdtemp(prefix="sampler-bench-")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sampler_core.cli", "serve", "--port", "0", "--data-dir",
-         data_dir, "--max-concurrent", str(max_concurrent)], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    for line in proc.stdout:  # type: ignore[union-attr]
-        match = re.match(r"listening on .*:(\d+)$", line.strip())
-        if match:
-            return proc, f"localhost:{match.group(1)}"
-    raise SystemExit("the server did not start")
 
 
 async def one_stream(client: Any, max_len: int, seed: int) -> dict[str, float]:
@@ -120,8 +104,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    proc, host = start_server(max(counts))
-    try:
+    with running_server("--max-concurrent", str(max(counts))) as (_, host):
         ratio = asyncio.run(single_stream_ratio(host, args.ratio_max_len, args.rounds))
         print(f"one stream: gRPC {ratio['grpc_tokens_per_s']} tok/s, in-process "
               f"{ratio['inprocess_tokens_per_s']} tok/s, ratio {ratio['grpc_to_inprocess_ratio']}",
@@ -133,12 +116,6 @@ def main() -> int:
             print(f"{n:>3} clients: {row['aggregate_tokens_per_s']} tok/s aggregate, "
                   f"{row['per_stream_tokens_per_s']} tok/s per stream, TTFT p50 "
                   f"{row['ttft_p50_s']} s p95 {row['ttft_p95_s']} s", flush=True)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     print(json.dumps({"bench": "load", "max_len": args.max_len, **ratio,
                       "ratio_target": 0.95, "ratio_ok": ratio["grpc_to_inprocess_ratio"] >= 0.95,
                       "concurrency": rows}))
