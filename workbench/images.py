@@ -10,17 +10,13 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from sampler_core.inputs import MAX_IMAGE_BYTES
+from sampler_core.vision import VLM1_DOMAIN, VLM1_NAME
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp"]
-VISION_MODEL = "vlm-1"
 #: Families the engine loads from a local folder with their image processor.
 VISION_FAMILIES = ("smolvlm", "idefics", "llava")
 SAMPLES = Path(__file__).resolve().parents[1] / "assets" / "images"
-#: Shown when the engine's own wording cannot be imported (a remote-only install).
-_VLM1_DOMAIN = ("vlm-1 is a small demo model trained only on synthetic pictures of circles, "
-                "squares and triangles in seven colours: it answers about colour, shape, "
-                "position and count of such shapes, not about photos")
 
 
 @dataclass(frozen=True)
@@ -79,27 +75,23 @@ def sample_images(root: Path = SAMPLES) -> dict[str, Path]:
 def is_vision_model(name: str) -> bool:
     """Models the workbench knows take images: vlm-1 and local SmolVLM/Idefics3/LLaVA folders."""
     lowered = name.lower()
-    return name == VISION_MODEL or any(f in lowered for f in VISION_FAMILIES)
+    return name == VLM1_NAME or any(f in lowered for f in VISION_FAMILIES)
 
 
 def vlm1_domain() -> str:
-    """What vlm-1 knows, in the engine's own words when the engine is installed here."""
-    try:
-        from sampler_core.engine.vlm import VLM1_DOMAIN
-    except Exception:  # noqa: BLE001 - no torch here (remote use): the same words, copied
-        return _VLM1_DOMAIN
+    """What vlm-1 knows, in the library's own words (no torch needed)."""
     return VLM1_DOMAIN
 
 
 def vision_status(models: list[str], selected: str) -> tuple[bool, str]:
     """Whether an image can be sent with the selected model, and what to tell the user."""
     if is_vision_model(selected):
-        if selected == VISION_MODEL:
+        if selected == VLM1_NAME:
             return True, vlm1_domain().rstrip(".") + "."
         return True, f"{selected} is a vision-language model; the image goes into its context."
-    if VISION_MODEL not in models:
+    if VLM1_NAME not in models:
         return False, (f"{selected or 'This model'} reads text only. Images need a vision model "
-                       f"such as '{VISION_MODEL}', which this engine does not list; choose one "
+                       f"such as '{VLM1_NAME}', which this engine does not list; choose one "
                        "in the sidebar's Model list once it is there.")
-    return False, (f"{selected or 'This model'} reads text only: choose '{VISION_MODEL}' in the "
+    return False, (f"{selected or 'This model'} reads text only: choose '{VLM1_NAME}' in the "
                    "sidebar's Model list to send this image.")

@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from sampler_core.engine.attention import ATTENTION_IMPLEMENTATION  # noqa: E402
 from sampler_core.errors import EngineFailure, UnknownModel  # noqa: E402
+from sampler_core.vision import VLM1_NAME  # noqa: E402
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -105,7 +106,8 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def _finish(model: Any) -> Any:
+def finish_model(model: Any) -> Any:
+    """Inference mode: eval, no gradients."""
     model.eval()
     model.requires_grad_(False)
     return model
@@ -121,7 +123,7 @@ def _load_folder(folder: Path, name: str, progress: Progress) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise UnknownModel(f"cannot load a model from {folder}: {exc}") from exc
     progress("ready", 1.0)
-    return LoadedModel(name=name, model=_finish(model), tokenizer=tokenizer)
+    return LoadedModel(name=name, model=finish_model(model), tokenizer=tokenizer)
 
 
 def _convert_gguf(gguf: Path, target: Path, progress: Progress) -> None:
@@ -181,7 +183,7 @@ def _load_vlm1(progress: Progress) -> LoadedModel:
 
 
 register_model(
-    ModelEntry("vlm-1", _load_vlm1,
+    ModelEntry(VLM1_NAME, _load_vlm1,
                "bundled demo vision model: a small vision tower trained onto the frozen "
                "SmolLM2-135M-Instruct; knows synthetic shapes and colours, not photos"),
 )

@@ -29,20 +29,16 @@ from PIL import Image
 
 from sampler_core.engine.causal_lm import CausalLMEngine, CausalLMGeneration, Plan
 from sampler_core.engine.images import decode_image
-from sampler_core.engine.models import LoadedModel, Progress
+from sampler_core.engine.models import LoadedModel, Progress, finish_model
 from sampler_core.engine.vision_tower import VisionTower, load_tower, to_pixels
 from sampler_core.errors import InvalidInput, UnknownModel
 from sampler_core.inputs import ImagePart, PromptPart, TextPart, TokenIdsPart
 from sampler_core.settings import SampleSettings
 from sampler_core.tokens import Token
+from sampler_core.vision import VLM1_DOMAIN, VLM1_NAME
 from sampler_core.vision.tokens import ImageSpan, image_token_text
 
-VLM1_NAME = "vlm-1"
 VLM1_FOLDER = Path(__file__).resolve().parents[1] / "data" / "vlm-1"
-#: What the bundled model knows, said wherever it is offered.
-VLM1_DOMAIN = ("vlm-1 is a small demo model trained only on synthetic pictures of circles, "
-               "squares and triangles in seven colours: it answers about colour, shape, "
-               "position and count of such shapes, not about photos")
 
 
 @dataclass(frozen=True)
@@ -290,8 +286,7 @@ def load_vision_folder(folder: Path, name: str, progress: Progress) -> LoadedMod
         processor = AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise UnknownModel(f"cannot load a vision-language model from {folder}: {exc}") from exc
-    model.eval()
-    model.requires_grad_(False)
+    model = finish_model(model)
     progress("ready", 1.0)
     return LoadedModel(name=name, model=model, tokenizer=processor.tokenizer,
                        processor=ProcessorAdapter(processor, model))

@@ -43,7 +43,6 @@ TRANSPORT_RECEIVE_LIMIT = 32 * 1024 * 1024
 SEND_LIMIT = 256 * 1024 * 1024
 #: How many events a run may compute ahead of what its client has taken.
 CREDIT_WINDOW = 2
-VISION_ALIAS = "vlm-1"
 _DONE = object()
 
 
@@ -117,11 +116,6 @@ class SamplerService(pb_grpc.SamplerServicer):
             canonical = resolve(self.config.model)[0]
             if canonical not in names:
                 names.insert(0, canonical)
-        except SamplerError:
-            pass
-        try:
-            if VISION_ALIAS not in names and resolve(VISION_ALIAS)[0] in names:
-                names.append(VISION_ALIAS)
         except SamplerError:
             pass
         return names

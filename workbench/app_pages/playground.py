@@ -71,7 +71,7 @@ def _image_panel(bar: sidebar.Sidebar) -> images.Attached | None:
             st.caption("No image attached: runs send the text only."
                        + (" vlm-1 answers questions about pictures like the vlm/… samples; wrap "
                           "the question with the Chat template helper."
-                          if bar.model == images.VISION_MODEL else ""))
+                          if bar.model == images.VLM1_NAME else ""))
             return None
         try:
             checked = images.check_image(data, name or "image")
