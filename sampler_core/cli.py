@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -30,7 +31,7 @@ def _table_row(token: Token) -> str:
 def cmd_sample(args: argparse.Namespace) -> int:
     from sampler_core.engine import get_engine
 
-    engine = get_engine(args.model)
+    engine = get_engine(args.model, device=args.device)
     prompt = engine.chat_prompt(args.prompt) if args.chat else args.prompt
     settings = SampleSettings(
         max_len=args.max_len, temperature=args.temperature, nucleus_p=args.nucleus_p,
@@ -70,7 +71,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from sampler_core.engine import get_engine
 
-    tokens = get_engine(args.model).tokenize(args.text)
+    tokens = get_engine(args.model, device=args.device).tokenize(args.text)
     for token in tokens:
         print(f"{token.position:>5}  {token.token_id:>6}  {_visible(token.token_str)}")
     print(f"{len(tokens)} tokens")
@@ -89,6 +90,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from sampler_core.wire.server import serve_from_args
 
+    if args.device is not None:  # the server loads models through get_engine, which reads it
+        from sampler_core.engine.devices import DEVICE_ENV, choose_device
+
+        choose_device(args.device)  # a bad value fails here, naming it
+        os.environ[DEVICE_ENV] = args.device
     return serve_from_args(args)
 
 
@@ -112,11 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--score-prompt", action="store_true")
     sample.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     sample.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sample.add_argument("--device", default=None,
+                        help="auto (a GPU when there is one), cpu, cuda or cuda:N; "
+                             "default $PROMPT_IDE_DEVICE, else auto")
     sample.set_defaults(func=cmd_sample)
 
     tokenize = sub.add_parser("tokenize", help="print a text's tokens")
     tokenize.add_argument("text")
     tokenize.add_argument("--model", default="")
+    tokenize.add_argument("--device", default=None,
+                        help="auto (a GPU when there is one), cpu, cuda or cuda:N; "
+                             "default $PROMPT_IDE_DEVICE, else auto")
     tokenize.set_defaults(func=cmd_tokenize)
 
     models = sub.add_parser("models", help="list the known models")
@@ -129,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_arguments = None
     if add_serve_arguments is not None:
         add_serve_arguments(serve)
+    serve.add_argument("--device", default=None,
+                        help="auto (a GPU when there is one), cpu, cuda or cuda:N; "
+                             "default $PROMPT_IDE_DEVICE, else auto")
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -23,6 +23,7 @@ others take the transformers path.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,10 +120,11 @@ class FastLlama:
             # of one model run one at a time: the engine's step lock).
             self._unpacked = [torch.empty(p.out_features, p.in_features)
                               for p in self.packed.layers[0]]
-            # Addresses for the C decode step: the tensors live as long as this runner.
-            self._layer_addresses = [
-                (w_in.data_ptr(), w_post.data_ptr(), *(p.blocks.data_ptr() for p in parts))
-                for (w_in, _, _, w_post, _, _), parts in zip(self.layers, self.packed.layers)]
+            # What the C decode step reads; it points into tensors this runner keeps.
+            self._decode_model = packed_kernels.decode_struct(
+                self.packed, norms_in=[layer[0] for layer in self.layers],
+                norms_post=[layer[3] for layer in self.layers], norm_final=self.final_norm,
+                heads=self.num_heads, kv_heads=self.num_kv, head_dim=self.head_dim, eps=self.eps)
 
     @property
     def weights(self) -> str:
@@ -172,8 +174,7 @@ class FastLlama:
         rows = (torch.empty(self.num_layers, self.num_heads, end, device=x.device)
                 if attention else None)
         if steps == 1 and self.packed is not None:
-            hidden = self._norm(self._decode_packed(x, cache, rows), self.final_norm)
-            return self.packed.lm_head(hidden), rows
+            return self._decode_packed(x, cache, rows), rows
         cos, sin = (t.unsqueeze(0) for t in self._rotary(start, end))  # [1, T, head_dim]
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
             if self.packed is not None:
@@ -224,10 +225,11 @@ class FastLlama:
 
     def _decode_packed(self, x: torch.Tensor, cache: KVCache,
                        rows: torch.Tensor | None) -> torch.Tensor:
-        """One new position through every layer in the C kernel; returns the hidden state.
+        """One new position through the whole model in one C call; returns logits ``[1, vocab]``.
 
-        The same arithmetic as the loop in ``forward`` (norm, q/k/v, rotary, cache write,
-        attention with its weights into ``rows``, output, MLP), one call per layer.
+        The same arithmetic as the loop in ``forward`` (per layer: norm, q/k/v, rotary, cache
+        write, attention with its weights into ``rows``, output, MLP; then the final norm and
+        the output head), without a Python round trip per layer.
         """
         lib = packed_kernels.kernel()
         packed_kernels.use_threads(torch.get_num_threads())
@@ -235,23 +237,16 @@ class FastLlama:
         start, capacity = cache.length, cache.keys.shape[2]
         if start >= capacity:
             raise ValueError(f"the KV cache holds {capacity} positions; position {start} is past it")
-        end = start + 1
-        cos, sin = self._rotary(start, end)
-        scratch = torch.empty(2 * self.hidden + 2 * self.q_size + 2 * self.kv_size
-                              + 3 * self.intermediate + self.num_heads * end)
-        layer_floats = self.num_kv * capacity * self.head_dim
-        keys, values = cache.keys.data_ptr(), cache.values.data_ptr()
-        for index, (w_in, w_post, w_qkv, w_o, w_gate_up, w_down) in enumerate(
-                self._layer_addresses):
-            offset = index * layer_floats * 4
-            lib.decode_layer(
-                x.data_ptr(), self.hidden, self.num_heads, self.num_kv, self.head_dim,
-                self.intermediate, self.eps, self.scale, w_in, w_post, w_qkv, w_o, w_gate_up,
-                w_down, cos.data_ptr(), sin.data_ptr(), keys + offset, values + offset,
-                capacity, start, None if rows is None else rows[index].data_ptr(),
-                scratch.data_ptr())
-        cache.length = end
-        return x
+        cos, sin = self._rotary(start, start + 1)
+        model = ctypes.byref(self._decode_model)
+        scratch = torch.empty(lib.decode_scratch_floats(model, start + 1))
+        logits = torch.empty(1, self._decode_model.vocab)
+        lib.decode_step(model, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                        cache.keys.data_ptr(), cache.values.data_ptr(), capacity, start,
+                        None if rows is None else rows.data_ptr(), scratch.data_ptr(),
+                        logits.data_ptr())
+        cache.length = start + 1
+        return logits
 
     @staticmethod
     def _prefix_mask(start: int, steps: int, device: torch.device) -> torch.Tensor:

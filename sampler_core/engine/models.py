@@ -218,14 +218,17 @@ _load_locks: dict[str, threading.Lock] = {}
 _guard = threading.Lock()
 
 
-def get_cached(name: str, build: Callable[[str, Callable[[Progress], LoadedModel]], Any]) -> Any:
-    """Load ``name`` at most once per process: ``build(canonical_name, loader)`` is cached."""
+def get_cached(name: str, build: Callable[[str, Callable[[Progress], LoadedModel]], Any],
+               variant: str = "") -> Any:
+    """Load ``name`` at most once per process and ``variant`` (its device):
+    ``build(canonical_name, loader)`` is cached."""
     canonical, loader = resolve(name)
+    key = f"{canonical}@{variant}"
     with _guard:
-        if canonical in _loaded:
-            return _loaded[canonical]
-        lock = _load_locks.setdefault(canonical, threading.Lock())
+        if key in _loaded:
+            return _loaded[key]
+        lock = _load_locks.setdefault(key, threading.Lock())
     with lock:
-        if canonical not in _loaded:
-            _loaded[canonical] = build(canonical, loader)
-        return _loaded[canonical]
+        if key not in _loaded:
+            _loaded[key] = build(canonical, loader)
+        return _loaded[key]

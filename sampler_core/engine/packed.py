@@ -99,15 +99,17 @@ def kernel() -> Any:
                 _build(target)
             lib = ctypes.CDLL(str(target))
             lib.packed_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                          ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                          ctypes.c_void_p]
+                                          ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_int, ctypes.c_void_p]
             lib.packed_matmul.restype = None
-            lib.decode_layer.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 5
-                                         + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 10
-                                         + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2)
-            lib.decode_layer.restype = None
-            lib.packed_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                              ctypes.c_int, ctypes.c_void_p]
+            lib.decode_step.argtypes = ([ctypes.POINTER(PackedModelStruct)]
+                                        + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2
+                                        + [ctypes.c_void_p] * 3)
+            lib.decode_step.restype = None
+            lib.decode_scratch_floats.argtypes = [ctypes.POINTER(PackedModelStruct), ctypes.c_int]
+            lib.decode_scratch_floats.restype = ctypes.c_int
+            lib.packed_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                              ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
             lib.packed_dequantize.restype = None
             lib.pool_threads.argtypes = [ctypes.c_int]
             lib.pool_threads(torch.get_num_threads())
@@ -130,9 +132,15 @@ def kernel_error() -> str | None:
 
 @dataclass
 class PackedLinear:
-    """A ``[out, in]`` linear weight in GGUF blocks; ``layer(x)`` is ``x @ w.T`` in float32."""
+    """A ``[out, in]`` linear weight kept quantised; ``layer(x)`` is ``x @ w.T`` in float32.
 
-    blocks: torch.Tensor  # uint8 [out, in / 32 * block bytes]
+    The GGUF blocks rearranged for the kernel (see ``packed_kernel.c``): ``quants`` holds the
+    4-bit (two a byte) or 8-bit values row by row, ``scales`` each block's float16 scale (and,
+    for Q4_1, its minimum) side by side, so the kernel widens a row's scales in one go.
+    """
+
+    quants: torch.Tensor  # uint8 [out, in / 2] (Q4_1) or [out, in] (Q8_0)
+    scales: torch.Tensor  # float16 [out, in / 32 * 2] (Q4_1: d, m) or [out, in / 32] (Q8_0: d)
     kind: int  # 0: Q4_1, 1: Q8_0
     out_features: int
     in_features: int
@@ -142,7 +150,8 @@ class PackedLinear:
         rows = x.shape[0]
         y = torch.empty(rows, self.out_features)
         _lib.packed_matmul(self.kind, x.data_ptr(), rows, self.in_features,
-                           self.blocks.data_ptr(), self.out_features, y.data_ptr())
+                           self.quants.data_ptr(), self.scales.data_ptr(), self.out_features,
+                           y.data_ptr())
         return y
 
     def unpack(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,24 +159,23 @@ class PackedLinear:
         and runs faster through BLAS on a transient float32 copy, one layer at a time)."""
         if out is None:
             out = torch.empty(self.out_features, self.in_features)
-        _lib.packed_dequantize(self.kind, self.blocks.data_ptr(), self.out_features,
-                               self.in_features, out.data_ptr())
+        _lib.packed_dequantize(self.kind, self.quants.data_ptr(), self.scales.data_ptr(),
+                               self.out_features, self.in_features, out.data_ptr())
         return out
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` of the float32 weight these blocks stand for (as gguf-py has it)."""
-        size = Q4_1_BLOCK_BYTES if self.kind == 0 else Q8_0_BLOCK_BYTES
-        rows = self.blocks[start:stop].numpy()
-        raw = rows.reshape(-1, size)
-        d = raw[:, :2].copy().view(np.float16).astype(np.float32)
+        """Rows ``start:stop`` of the float32 weight (in numpy, independently of the kernel)."""
+        quants = self.quants[start:stop].numpy()
+        rows = quants.shape[0]
+        scales = self.scales[start:stop].numpy().astype(np.float32).reshape(
+            rows, -1, 2 if self.kind == 0 else 1)
         if self.kind == 0:
-            m = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
-            qs = raw[:, 4:]
-            q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
-            w = d * q + m
+            qs = quants.reshape(rows, -1, 16)
+            q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).astype(np.float32)
+            w = scales[..., :1] * q + scales[..., 1:]
         else:
-            w = raw[:, 2:].view(np.int8).astype(np.float32) * d
-        return torch.from_numpy(w.reshape(rows.shape[0], self.in_features))
+            w = quants.view(np.int8).reshape(rows, -1, 32).astype(np.float32) * scales
+        return torch.from_numpy(w.reshape(rows, self.in_features))
 
     def equals(self, weight: torch.Tensor, chunk: int = 2048) -> bool:
         """Whether the blocks dequantise bit for bit to ``weight`` (checked a chunk at a time)."""
@@ -178,7 +186,7 @@ class PackedLinear:
 
     @property
     def nbytes(self) -> int:
-        return self.blocks.numel()
+        return self.quants.numel() + 2 * self.scales.numel()
 
 
 def _unpermute_rows(blocks: np.ndarray, heads: int) -> np.ndarray:
@@ -188,19 +196,45 @@ def _unpermute_rows(blocks: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _packed(tensor: Any, heads: int | None = None) -> PackedLinear:
+    """A GGUF tensor's blocks, split into the kernel's quants and scales."""
     kind = {"Q4_1": 0, "Q8_0": 1}[tensor.tensor_type.name]
     blocks = np.asarray(tensor.data)
     if heads is not None:
         blocks = _unpermute_rows(blocks, heads)
     out_features = int(tensor.shape[1])
     in_features = int(tensor.shape[0])
-    # A copy: the reader's arrays map the file read-only.
-    return PackedLinear(torch.from_numpy(np.array(blocks)), kind, out_features, in_features)
+    size = Q4_1_BLOCK_BYTES if kind == 0 else Q8_0_BLOCK_BYTES
+    raw = blocks.reshape(out_features, -1, size)
+    scale_bytes = 4 if kind == 0 else 2  # (d, m) or d, float16 each
+    scales = raw[..., :scale_bytes].copy().view(np.float16)
+    quants = np.ascontiguousarray(raw[..., scale_bytes:]).reshape(out_features, -1)
+    return PackedLinear(torch.from_numpy(quants), torch.from_numpy(scales.reshape(out_features, -1)),
+                        kind, out_features, in_features)
 
 
 def _cat(parts: list[PackedLinear]) -> PackedLinear:
-    return PackedLinear(torch.cat([p.blocks for p in parts]).contiguous(), parts[0].kind,
+    return PackedLinear(torch.cat([p.quants for p in parts]).contiguous(),
+                        torch.cat([p.scales for p in parts]).contiguous(), parts[0].kind,
                         sum(p.out_features for p in parts), parts[0].in_features)
+
+
+class PackedWeightStruct(ctypes.Structure):
+    """``packed_weight`` in packed_kernel.c."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("s", ctypes.c_void_p)]
+
+
+class PackedModelStruct(ctypes.Structure):
+    """``packed_model`` in packed_kernel.c: everything one decode step reads."""
+
+    _fields_ = [("layers", ctypes.c_int), ("hidden", ctypes.c_int), ("heads", ctypes.c_int),
+                ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int),
+                ("intermediate", ctypes.c_int), ("vocab", ctypes.c_int),
+                ("head_kind", ctypes.c_int), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("norm_in", ctypes.POINTER(ctypes.c_void_p)),
+                ("norm_post", ctypes.POINTER(ctypes.c_void_p)),
+                ("linears", ctypes.POINTER(PackedWeightStruct)),
+                ("norm_final", ctypes.c_void_p), ("head", PackedWeightStruct)]
 
 
 @dataclass
@@ -265,25 +299,53 @@ def load_packed(gguf_path: Path, model: Any) -> PackedLlama | None:
     return PackedLlama(layers, lm_head)
 
 
+def decode_struct(packed: PackedLlama, *, norms_in: list[torch.Tensor],
+                  norms_post: list[torch.Tensor], norm_final: torch.Tensor, heads: int,
+                  kv_heads: int, head_dim: int, eps: float) -> PackedModelStruct:
+    """The kernel's view of a model for ``decode_step``. It points into the given tensors,
+    which must outlive it (a runner keeps both)."""
+    layers = len(packed.layers)
+    first = packed.layers[0]
+    struct = PackedModelStruct(
+        layers=layers, hidden=first[0].in_features, heads=heads, kv_heads=kv_heads,
+        head_dim=head_dim, intermediate=first[3].in_features, vocab=packed.lm_head.out_features,
+        head_kind=packed.lm_head.kind, eps=eps, scale=head_dim ** -0.5)
+    norm_in = (ctypes.c_void_p * layers)(*(t.data_ptr() for t in norms_in))
+    norm_post = (ctypes.c_void_p * layers)(*(t.data_ptr() for t in norms_post))
+    linears = (PackedWeightStruct * (4 * layers))(*(
+        PackedWeightStruct(w.quants.data_ptr(), w.scales.data_ptr())
+        for layer in packed.layers for w in layer))
+    struct.norm_in = ctypes.cast(norm_in, ctypes.POINTER(ctypes.c_void_p))
+    struct.norm_post = ctypes.cast(norm_post, ctypes.POINTER(ctypes.c_void_p))
+    struct.linears = ctypes.cast(linears, ctypes.POINTER(PackedWeightStruct))
+    struct.norm_final = norm_final.data_ptr()
+    struct.head = PackedWeightStruct(packed.lm_head.quants.data_ptr(),
+                                     packed.lm_head.scales.data_ptr())
+    struct.keep = (norm_in, norm_post, linears)  # the pointer arrays live as long as the struct
+    return struct
+
+
 def _cache_file(gguf_path: Path) -> Path:
     from sampler_core.engine.models import cache_root
 
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    # The layout version (v3: quants and float16 scales apart) is part of the key.
+    key = hashlib.sha256(
+        f"v3:{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return cache_root() / "packed" / f"{gguf_path.stem}-{key.hexdigest()[:16]}.safetensors"
 
 
 def _save(packed: PackedLlama, target: Path) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"lm_head": packed.lm_head.blocks}
-    shapes = {"lm_head": [packed.lm_head.kind, packed.lm_head.out_features,
-                          packed.lm_head.in_features]}
+    linears = {"lm_head": packed.lm_head}
     for index, layer in enumerate(packed.layers):
-        for part, linear in zip(LAYER_PARTS, layer):
-            name = f"layers.{index}.{part}"
-            tensors[name] = linear.blocks
-            shapes[name] = [linear.kind, linear.out_features, linear.in_features]
+        linears.update({f"layers.{index}.{part}": w for part, w in zip(LAYER_PARTS, layer)})
+    tensors: dict[str, torch.Tensor] = {}
+    shapes = {}
+    for name, linear in linears.items():
+        tensors[f"{name}.quants"], tensors[f"{name}.scales"] = linear.quants, linear.scales
+        shapes[name] = [linear.kind, linear.out_features, linear.in_features]
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = target.with_suffix(f".{os.getpid()}.tmp")
     save_file(tensors, str(scratch), metadata={"shapes": json.dumps(shapes)})
@@ -298,7 +360,9 @@ def _load(source: Path) -> PackedLlama:
 
         def linear(name: str) -> PackedLinear:
             kind, out_features, in_features = shapes[name]
-            return PackedLinear(handle.get_tensor(name), kind, out_features, in_features)
+            return PackedLinear(handle.get_tensor(f"{name}.quants"),
+                                handle.get_tensor(f"{name}.scales"), kind, out_features,
+                                in_features)
 
         count = sum(1 for name in shapes if name.endswith(f".{LAYER_PARTS[0]}"))
         layers = [tuple(linear(f"layers.{i}.{part}") for part in LAYER_PARTS)

@@ -1,8 +1,13 @@
 /* Float32 arithmetic over weights kept in GGUF blocks (see packed.py for the why).
  *
- * Q4_1 block (20 bytes): d (f16), m (f16), qs[16]; weight j = low nibble of qs[j], weight
- * j + 16 = high nibble; value fma(q, d, m), which is exactly the float32 reference weight.
- * Q8_0 block (34 bytes): d (f16), qs[32] int8; value q * d, exact in float32.
+ * Layout (packed.py rearranges the GGUF blocks into it once, when it builds its cache): per
+ * weight matrix [N, K] two arrays, row-major by block.
+ * Q4_1: quants [N, K / 2] bytes, 16 per block of 32 weights: weight j of a block is the low
+ *   nibble of byte j, weight j + 16 its high nibble; scales [N, K / 32, 2] float16 (d, m).
+ *   Weight = fma(q, d, m) in float32: the float32 reference weight.
+ * Q8_0: quants [N, K] int8; scales [N, K / 32] float16 d. Weight = q * d, exact in float32.
+ * With a row's scales side by side, they are widened to float32 sixteen at a time before the
+ * row is read, instead of one conversion and broadcast per scale inside the loop.
  *
  * Every output element is summed by one thread in a fixed order, so results do not depend on
  * the number of threads.
@@ -128,100 +133,158 @@ static void parallel(chunk_fn fn, const void* job, int chunks) {
 
 enum { Q4_1 = 0, Q8_0 = 1 };
 
-static inline float f16(const uint8_t* p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
+/* Rows of weights ahead of the one being read that a matrix-vector product prefetches. */
+enum { PREFETCH_ROWS = 4 };
 
-/* The 32 weights of one block as two vectors of 16. */
-static inline void block_weights(int kind, const uint8_t* b, __m512* w0, __m512* w1) {
-    const __m512 d = _mm512_set1_ps(f16(b));
+/* The 32 weights of block g of one row as two vectors of 16.
+ *
+ * Q4_1: a block's 32 weights take at most 16 values, fma(q, d, m) for q in 0..15, so build
+ * that table once (one fma: the same rounding as the reference's, weight for weight) and look
+ * each weight up by its nibble with a lane permute (which reads only the low 4 bits of each
+ * index lane, so the high nibble is the same lanes shifted right by 4).
+ */
+static inline __attribute__((always_inline)) void block_weights(
+    int kind, const uint8_t* q, const float* s, int g, __m512* w0, __m512* w1) {
     if (kind == Q4_1) {
-        const __m512 m = _mm512_set1_ps(f16(b + 2));
-        const __m128i raw = _mm_loadu_si128((const __m128i*)(b + 4));
-        const __m128i low = _mm_set1_epi8(0x0F);
-        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low)));
-        const __m512 q1 = _mm512_cvtepi32_ps(
-            _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low)));
-        *w0 = _mm512_fmadd_ps(q0, d, m);
-        *w1 = _mm512_fmadd_ps(q1, d, m);
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[2 * g]),
+                                             _mm512_set1_ps(s[2 * g + 1]));
+        const __m512i nibbles = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + 16 * g)));
+        *w0 = _mm512_permutexvar_ps(nibbles, table);
+        *w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(nibbles, 4), table);
     } else {
-        *w0 = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2)))), d);
-        *w1 = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 18)))), d);
+        const __m512 d = _mm512_set1_ps(s[g]);
+        const __m128i* b = (const __m128i*)(q + 32 * g);
+        *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b))), d);
+        *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b + 1))), d);
     }
 }
 
-/* y[r * ldy + n] = x[r] . W[n] for r < rows (at most 4) and n in [n0, n1). */
-static void rows_times_block_rows(int kind, const float* x, int rows, int K, const uint8_t* w,
-                                  float* y, int ldy, int n0, int n1) {
-    const int blocks = K / 32, size = kind == Q4_1 ? 20 : 34;
+static inline int quant_bytes(int kind, int K) { return kind == Q4_1 ? K / 2 : K; }
+static inline int scale_count(int kind, int K) { return kind == Q4_1 ? K / 16 : K / 32; }
+
+/* The largest K a row may have (its scales are widened into a buffer on the stack). */
+enum { MAX_K = 16384 };
+
+/* out[i] = h[i] widened from float16 to float32 (exact). */
+static inline void widen(const uint16_t* h, int n, float* out) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
+    for (; i < n; i++) out[i] = _cvtsh_ss(h[i]);
+}
+
+/* y[r * ldy + n] = x[r] . W[n] for r < R and n in [n0, n1). R is a constant where inlined, so
+ * the accumulators stay in registers. Each sum runs over the blocks in order, lanes apart. */
+static inline __attribute__((always_inline)) void rows_times_weights(
+    int kind, const float* x, const int R, int K, const uint8_t* q, const uint16_t* s, float* y,
+    int ldy, int n0, int n1) {
+    const int blocks = K / 32, qb = quant_bytes(kind, K), sc = scale_count(kind, K);
+    float scales[MAX_K / 16];
     for (int n = n0; n < n1; n++) {
-        const uint8_t* row = w + (size_t)n * blocks * size;
+        const uint8_t* qn = q + (size_t)n * qb;
+        const uint16_t* sn = s + (size_t)n * sc;
+        if (n + PREFETCH_ROWS < n1) { /* the hardware prefetcher alone leaves ~20% idle here */
+            for (int b = 0; b < qb; b += 64) _mm_prefetch((const char*)(qn + PREFETCH_ROWS * qb + b), _MM_HINT_T0);
+            for (int b = 0; b < sc; b += 32) _mm_prefetch((const char*)(sn + PREFETCH_ROWS * sc + b), _MM_HINT_T0);
+        }
+        widen(sn, sc, scales);
         __m512 acc[4][2];
-        for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
         for (int g = 0; g < blocks; g++) {
             __m512 w0, w1;
-            block_weights(kind, row + g * size, &w0, &w1);
-            for (int r = 0; r < rows; r++) {
+            block_weights(kind, qn, scales, g, &w0, &w1);
+            for (int r = 0; r < R; r++) {
                 const float* xr = x + (size_t)r * K + g * 32;
                 acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, acc[r][1]);
             }
         }
-        for (int r = 0; r < rows; r++)
+        for (int r = 0; r < R; r++)
             y[(size_t)r * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    }
+}
+
+#define ROWS_CASE(KIND, R) \
+    case KIND * 8 + R: rows_times_weights(KIND, x, R, K, q, s, y, ldy, n0, n1); break;
+
+/* rows_times_weights with kind and R (1..4) made constants. */
+static void rows_times_block_rows(int kind, const float* x, int rows, int K, const uint8_t* q,
+                                  const uint16_t* s, float* y, int ldy, int n0, int n1) {
+    switch (kind * 8 + rows) {
+        ROWS_CASE(Q4_1, 1) ROWS_CASE(Q4_1, 2) ROWS_CASE(Q4_1, 3) ROWS_CASE(Q4_1, 4)
+        ROWS_CASE(Q8_0, 1) ROWS_CASE(Q8_0, 2) ROWS_CASE(Q8_0, 3) ROWS_CASE(Q8_0, 4)
+        default: break;
     }
 }
 
 enum { CHUNK = 32 };
 
 typedef struct {
-    int kind, M, K, N;
+    int kind, M, K, N, rows_per_chunk;
     const float* x;
-    const uint8_t* w;
+    const uint8_t* q;
+    const uint16_t* s;
     float* y;
 } matmul_job;
 
 static void matmul_chunk(const void* job, int c) {
     const matmul_job* j = job;
-    const int n0 = c * CHUNK, n1 = n0 + CHUNK < j->N ? n0 + CHUNK : j->N;
+    const int n0 = c * j->rows_per_chunk;
+    const int n1 = n0 + j->rows_per_chunk < j->N ? n0 + j->rows_per_chunk : j->N;
     for (int r = 0; r < j->M; r += 4)
         rows_times_block_rows(j->kind, j->x + (size_t)r * j->K, j->M - r < 4 ? j->M - r : 4,
-                              j->K, j->w, j->y + (size_t)r * j->N, j->N, n0, n1);
+                              j->K, j->q, j->s, j->y + (size_t)r * j->N, j->N, n0, n1);
 }
 
 /* y[M, N] = x[M, K] @ W[N, K]^T with W packed as ``kind``. */
-void packed_matmul(int kind, const float* x, int M, int K, const uint8_t* w, int N, float* y) {
-    const matmul_job job = {kind, M, K, N, x, w, y};
-    parallel(matmul_chunk, &job, (N + CHUNK - 1) / CHUNK);
+void packed_matmul(int kind, const float* x, int M, int K, const uint8_t* q, const uint16_t* s,
+                   int N, float* y) {
+    /* About four chunks a thread, in multiples of 32 rows: long contiguous runs of rows keep
+     * the memory streams going (32-row chunks handed out in turn ran 1.5x slower), and a few
+     * chunks per thread still let a running thread take over from one that is not. */
+    const int threads = atomic_load(&pool.active) + 1;
+    int rows = (N + 4 * threads - 1) / (4 * threads);
+    rows = (rows + CHUNK - 1) / CHUNK * CHUNK;
+    const matmul_job job = {kind, M, K, N, rows, x, q, s, y};
+    parallel(matmul_chunk, &job, (N + rows - 1) / rows);
 }
 
 typedef struct {
     int kind, K, N;
-    const uint8_t* w;
+    const uint8_t* q;
+    const uint16_t* s;
     float* out;
 } dequantize_job;
 
 static void dequantize_chunk(const void* job, int c) {
     const dequantize_job* j = job;
-    const int blocks = j->K / 32, size = j->kind == Q4_1 ? 20 : 34;
+    const int blocks = j->K / 32, qb = quant_bytes(j->kind, j->K), sc = scale_count(j->kind, j->K);
     const int n1 = (c + 1) * CHUNK < j->N ? (c + 1) * CHUNK : j->N;
-    for (int n = c * CHUNK; n < n1; n++)
+    float scales[MAX_K / 16];
+    for (int n = c * CHUNK; n < n1; n++) {
+        widen(j->s + (size_t)n * sc, sc, scales);
         for (int g = 0; g < blocks; g++) {
             __m512 w0, w1;
-            block_weights(j->kind, j->w + ((size_t)n * blocks + g) * size, &w0, &w1);
+            block_weights(j->kind, j->q + (size_t)n * qb, scales, g, &w0, &w1);
             _mm512_storeu_ps(j->out + (size_t)n * j->K + g * 32, w0);
             _mm512_storeu_ps(j->out + (size_t)n * j->K + g * 32 + 16, w1);
         }
+    }
 }
 
 /* out[N, K] = the float32 weights W stands for (bit for bit the reference's). */
-void packed_dequantize(int kind, const uint8_t* w, int N, int K, float* out) {
-    const dequantize_job job = {kind, K, N, w, out};
+void packed_dequantize(int kind, const uint8_t* q, const uint16_t* s, int N, int K, float* out) {
+    const dequantize_job job = {kind, K, N, q, s, out};
     parallel(dequantize_chunk, &job, (N + CHUNK - 1) / CHUNK);
+}
+
+/* out = weight * (x * rsqrt(mean(x^2) + eps)), as LlamaRMSNorm in float32. */
+static void rms_norm(const float* x, const float* weight, int n, float eps, float* out) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += x[i] * x[i];
+    const float r = 1.0f / sqrtf(sum / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * r);
 }
 
 /* a . b, sixteen lanes at a time. */
@@ -232,14 +295,6 @@ static inline float dot(const float* a, const float* b, int n) {
     float sum = _mm512_reduce_add_ps(acc);
     for (; i < n; i++) sum += a[i] * b[i];
     return sum;
-}
-
-/* out = weight * (x * rsqrt(mean(x^2) + eps)), as LlamaRMSNorm in float32. */
-static void rms_norm(const float* x, const float* weight, int n, float eps, float* out) {
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += x[i] * x[i];
-    const float r = 1.0f / sqrtf(sum / (float)n + eps);
-    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * r);
 }
 
 /* x * cos + rotate_half(x) * sin over one head. */
@@ -253,64 +308,185 @@ static void rope(float* x, const float* cos, const float* sin, int dim) {
     for (int i = 0; i < dim; i++) x[i] = x[i] * cos[i] + rotated[i] * sin[i];
 }
 
+/* exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial (within
+ * about 1 ulp of expf), times 2^n by scalef (which also takes care of overflow and underflow).
+ * glibc's expf, one call per value, was the largest cost of attention and SiLU here. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The lanes of a 16-lane step that lie before ``end``. */
+static inline __mmask16 lanes_before(int start, int end) {
+    return end - start >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - start)) - 1);
+}
+
+/* act[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up, as transformers computes it. */
+static void silu_times(const float* gate, const float* up, int n, float* act) {
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = lanes_before(i, n);
+        const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                        exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_mask_storeu_ps(act + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+/* Decode attention is split into pieces of this many positions per key-value head, so both
+ * threads have work at any context length and each piece's keys and values are read from
+ * memory once for all the query heads that share them (then from cache). */
+enum { ATTENTION_PIECE = 128 };
+/* Contexts up to MAX_PIECES * ATTENTION_PIECE positions (131,072; models here have 8,192). */
+enum { MAX_PIECES = 1024 };
+
 typedef struct {
     const float *q, *keys, *values;
-    float *weights, *out, *rows;
-    int capacity, context, head_dim, group;
+    float* weights; /* [heads, context]: scores, then exp(score - the piece's max) */
+    float* partial; /* [pieces, heads, head_dim + 2]: sum of e * v, the piece's max, sum of e */
+    int capacity, context, head_dim, heads, group, pieces;
     float scale;
 } attention_job;
 
-/* One head's attention row: softmax(q . K^T * scale), then its weighted sum of V. */
-static void attention_head(const void* job, int h) {
+/* Piece c (key-value head c / pieces, positions of piece c % pieces) of every query head that
+ * reads this key-value head: scores, their exponentials against the piece's maximum, and the
+ * exponential-weighted sum of the values (softmax is finished in attention_combine). */
+static void attention_piece(const void* job, int c) {
     const attention_job* j = job;
-    const int dim = j->head_dim, context = j->context;
-    const float* q = j->q + h * dim;
-    const float* k = j->keys + (size_t)(h / j->group) * j->capacity * dim;
-    const float* v = j->values + (size_t)(h / j->group) * j->capacity * dim;
-    float* w = j->weights + (size_t)h * context;
-    float top = -INFINITY;
-    for (int t = 0; t < context; t++) {
-        w[t] = dot(q, k + (size_t)t * dim, dim) * j->scale;
-        top = w[t] > top ? w[t] : top;
+    const int dim = j->head_dim, kv = c / j->pieces, piece = c % j->pieces;
+    const int t0 = piece * ATTENTION_PIECE;
+    const int t1 = t0 + ATTENTION_PIECE < j->context ? t0 + ATTENTION_PIECE : j->context;
+    const float* k = j->keys + (size_t)kv * j->capacity * dim;
+    const float* v = j->values + (size_t)kv * j->capacity * dim;
+    for (int h = kv * j->group; h < (kv + 1) * j->group; h++) {
+        const float* q = j->q + h * dim;
+        float* w = j->weights + (size_t)h * j->context;
+        float top = -INFINITY;
+        for (int t = t0; t < t1; t++) {
+            w[t] = dot(q, k + (size_t)t * dim, dim) * j->scale;
+            top = w[t] > top ? w[t] : top;
+        }
+        __m512 sums = _mm512_setzero_ps();
+        for (int t = t0; t < t1; t += 16) {
+            const __mmask16 m = lanes_before(t, t1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + t), _mm512_set1_ps(top)));
+            sums = _mm512_mask_add_ps(sums, m, sums, e);
+            _mm512_mask_storeu_ps(w + t, m, e);
+        }
+        float* out = j->partial + ((size_t)piece * j->heads + h) * (dim + 2);
+        for (int i = 0; i < dim; i += 16) { /* sixteen dimensions at a time, in registers */
+            const __mmask16 m = lanes_before(i, dim);
+            __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
+            int t = t0;
+            for (; t + 2 <= t1; t += 2) {
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(w[t]),
+                                      _mm512_maskz_loadu_ps(m, v + (size_t)t * dim + i), acc);
+                acc2 = _mm512_fmadd_ps(_mm512_set1_ps(w[t + 1]),
+                                       _mm512_maskz_loadu_ps(m, v + (size_t)(t + 1) * dim + i), acc2);
+            }
+            if (t < t1)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(w[t]),
+                                      _mm512_maskz_loadu_ps(m, v + (size_t)t * dim + i), acc);
+            _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(acc, acc2));
+        }
+        out[dim] = top;
+        out[dim + 1] = _mm512_reduce_add_ps(sums);
     }
-    float total = 0.0f;
-    for (int t = 0; t < context; t++) {
-        w[t] = expf(w[t] - top);
-        total += w[t];
-    }
-    for (int t = 0; t < context; t++) w[t] = w[t] / total;
-    float* out = j->out + h * dim;
-    for (int i = 0; i < dim; i++) out[i] = 0.0f;
-    for (int t = 0; t < context; t++)
-        for (int i = 0; i < dim; i++) out[i] += w[t] * v[(size_t)t * dim + i];
-    if (j->rows != NULL) memcpy(j->rows + (size_t)h * context, w, context * sizeof(float));
 }
 
-/* One decode step of one Llama layer for one new position ``pos``, in place on ``x``.
- *
- * keys/values: this layer's cache, [kv_heads, capacity, head_dim]; the new key and value are
- * written at ``pos`` and the query attends to positions 0..pos. ``rows`` (or NULL) receives
- * the attention weights, [heads, pos + 1]. ``scratch`` holds at least
- * hidden + (heads + 2 kv_heads) head_dim + hidden + 3 intermediate + heads (pos + 1) floats.
- */
-void decode_layer(float* x, int hidden, int heads, int kv_heads, int head_dim, int intermediate,
-                  float eps, float scale, const float* w_in, const float* w_post,
-                  const uint8_t* w_qkv, const uint8_t* w_o, const uint8_t* w_gate_up,
-                  const uint8_t* w_down, const float* cos, const float* sin, float* keys,
-                  float* values, int capacity, int pos, float* rows, float* scratch) {
-    const int q_size = heads * head_dim, kv_size = kv_heads * head_dim, group = heads / kv_heads;
-    const int context = pos + 1;
+/* Finish each head's softmax from its pieces: rescale every piece to the overall maximum,
+ * out = sum of the pieces' weighted values / the total; the weights themselves (into ``rows``,
+ * [heads, context]) only when asked for. */
+static void attention_combine(const attention_job* j, float* out, float* rows) {
+    const int dim = j->head_dim;
+    for (int h = 0; h < j->heads; h++) {
+        const float* first = j->partial + (size_t)h * (dim + 2);
+        float top = -INFINITY, total = 0.0f, scale[MAX_PIECES];
+        for (int p = 0; p < j->pieces; p++) {
+            const float piece_top = first[(size_t)p * j->heads * (dim + 2) + dim];
+            top = piece_top > top ? piece_top : top;
+        }
+        for (int p = 0; p < j->pieces; p++) {
+            const float* part = first + (size_t)p * j->heads * (dim + 2);
+            scale[p] = expf(part[dim] - top);
+            total += scale[p] * part[dim + 1];
+        }
+        for (int i = 0; i < dim; i++) {
+            float sum = 0.0f;
+            for (int p = 0; p < j->pieces; p++)
+                sum += scale[p] * first[(size_t)p * j->heads * (dim + 2) + i];
+            out[h * dim + i] = sum / total;
+        }
+        if (rows == NULL) continue;
+        const float* w = j->weights + (size_t)h * j->context;
+        float* row = rows + (size_t)h * j->context;
+        for (int p = 0; p < j->pieces; p++) {
+            const int t0 = p * ATTENTION_PIECE;
+            const int t1 = t0 + ATTENTION_PIECE < j->context ? t0 + ATTENTION_PIECE : j->context;
+            const __m512 factor = _mm512_set1_ps(scale[p] / total);
+            for (int t = t0; t < t1; t += 16) {
+                const __mmask16 m = lanes_before(t, t1);
+                _mm512_mask_storeu_ps(row + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + t), factor));
+            }
+        }
+    }
+}
+
+/* A packed weight matrix: quants and scales as laid out above. */
+typedef struct {
+    const uint8_t* q;
+    const uint16_t* s;
+} packed_weight;
+
+/* Everything a decode step reads, filled in once by packed.py (ctypes mirrors this struct). */
+typedef struct {
+    int layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, head_kind;
+    float eps, scale;
+    const float* const* norm_in;    /* [layers] -> [hidden] */
+    const float* const* norm_post;  /* [layers] -> [hidden] */
+    const packed_weight* linears;   /* [layers][4]: qkv, o, gate_up, down (Q4_1) */
+    const float* norm_final;        /* [hidden] */
+    packed_weight head;             /* [vocab, hidden] as head_kind */
+} packed_model;
+
+/* Floats of scratch decode_step needs for a context of ``context`` positions. */
+int decode_scratch_floats(const packed_model* m, int context) {
+    const int q_size = m->heads * m->head_dim, kv_size = m->kv_heads * m->head_dim;
+    const int pieces = (context + ATTENTION_PIECE - 1) / ATTENTION_PIECE;
+    return 2 * m->hidden + 2 * q_size + 2 * kv_size + 3 * m->intermediate + m->heads * context
+           + pieces * m->heads * (m->head_dim + 2);
+}
+
+/* One Llama layer for one new position ``pos``, in place on ``x``: see decode_step. */
+static void decode_layer(const packed_model* m, int layer, float* x, const float* cos,
+                         const float* sin, float* keys, float* values, int capacity, int pos,
+                         float* rows, float* scratch) {
+    const int hidden = m->hidden, heads = m->heads, kv_heads = m->kv_heads;
+    const int head_dim = m->head_dim, intermediate = m->intermediate;
+    const int q_size = heads * head_dim, kv_size = kv_heads * head_dim;
+    const packed_weight* w = m->linears + 4 * layer;
     float* normed = scratch;
     float* qkv = normed + hidden;
     float* attended = qkv + q_size + 2 * kv_size;
     float* gate_up = attended + q_size;
     float* act = gate_up + 2 * intermediate;
     float* weights = act + intermediate;
+    float* partial = weights + (size_t)heads * (pos + 1);
     float* add = normed; /* o and down outputs reuse the normed buffer */
 
-    /* Attention block. */
-    rms_norm(x, w_in, hidden, eps, normed);
-    packed_matmul(Q4_1, normed, 1, hidden, w_qkv, q_size + 2 * kv_size, qkv);
+    /* Attention block: norm, q/k/v, rotary, cache write, attention (weights kept), output. */
+    rms_norm(x, m->norm_in[layer], hidden, m->eps, normed);
+    packed_matmul(Q4_1, normed, 1, hidden, w[0].q, w[0].s, q_size + 2 * kv_size, qkv);
     for (int h = 0; h < heads + kv_heads; h++) rope(qkv + h * head_dim, cos, sin, head_dim);
     for (int h = 0; h < kv_heads; h++) {
         memcpy(keys + ((size_t)h * capacity + pos) * head_dim, qkv + q_size + h * head_dim,
@@ -318,21 +494,40 @@ void decode_layer(float* x, int hidden, int heads, int kv_heads, int head_dim, i
         memcpy(values + ((size_t)h * capacity + pos) * head_dim,
                qkv + q_size + kv_size + h * head_dim, head_dim * sizeof(float));
     }
-    const attention_job job = {qkv, keys, values, weights, attended, rows, capacity, context,
-                               head_dim, heads / kv_heads, scale};
-    parallel(attention_head, &job, heads);
-    packed_matmul(Q4_1, attended, 1, q_size, w_o, hidden, add);
+    const int pieces = (pos + 1 + ATTENTION_PIECE - 1) / ATTENTION_PIECE;
+    const attention_job job = {qkv, keys, values, weights, partial, capacity, pos + 1, head_dim,
+                               heads, heads / kv_heads, pieces, m->scale};
+    parallel(attention_piece, &job, kv_heads * pieces);
+    attention_combine(&job, attended, rows);
+    packed_matmul(Q4_1, attended, 1, q_size, w[1].q, w[1].s, hidden, add);
     for (int i = 0; i < hidden; i++) x[i] += add[i];
 
-    /* MLP block. */
-    rms_norm(x, w_post, hidden, eps, normed);
-    packed_matmul(Q4_1, normed, 1, hidden, w_gate_up, 2 * intermediate, gate_up);
-    for (int i = 0; i < intermediate; i++) {
-        const float g = gate_up[i];
-        act[i] = g / (1.0f + expf(-g)) * gate_up[intermediate + i];
-    }
-    packed_matmul(Q4_1, act, 1, intermediate, w_down, hidden, add);
+    /* MLP block: norm, gate and up, SiLU(gate) * up, down. */
+    rms_norm(x, m->norm_post[layer], hidden, m->eps, normed);
+    packed_matmul(Q4_1, normed, 1, hidden, w[2].q, w[2].s, 2 * intermediate, gate_up);
+    silu_times(gate_up, gate_up + intermediate, intermediate, act);
+    packed_matmul(Q4_1, act, 1, intermediate, w[3].q, w[3].s, hidden, add);
     for (int i = 0; i < hidden; i++) x[i] += add[i];
 }
 
-int packed_version(void) { return 3; }
+/* One decode step of the whole model for the new position ``pos``: x (its embedding, updated
+ * in place) through every layer, the final norm and the output head into ``logits`` [vocab].
+ *
+ * keys/values: the run's cache, [layers, kv_heads, capacity, head_dim]; the new key and value
+ * are written at ``pos`` and the query attends to positions 0..pos. ``rows`` (or NULL)
+ * receives the attention weights, [layers, heads, pos + 1]. ``scratch`` holds
+ * decode_scratch_floats(m, pos + 1) floats.
+ */
+void decode_step(const packed_model* m, float* x, const float* cos, const float* sin,
+                 float* keys, float* values, int capacity, int pos, float* rows, float* scratch,
+                 float* logits) {
+    const size_t layer_floats = (size_t)m->kv_heads * capacity * m->head_dim;
+    for (int layer = 0; layer < m->layers; layer++)
+        decode_layer(m, layer, x, cos, sin, keys + layer * layer_floats,
+                     values + layer * layer_floats, capacity, pos,
+                     rows == NULL ? NULL : rows + (size_t)layer * m->heads * (pos + 1), scratch);
+    rms_norm(x, m->norm_final, m->hidden, m->eps, scratch);
+    packed_matmul(m->head_kind, scratch, 1, m->hidden, m->head.q, m->head.s, m->vocab, logits);
+}
+
+int packed_version(void) { return 4; }

@@ -78,7 +78,7 @@ class Nucleus:
     """Keep the smallest set of most likely tokens whose probability mass reaches ``p``."""
 
     p: float
-    HEAD = 256  # candidates examined before falling back to a full sort
+    HEAD = 256  # candidates examined before selecting by buckets
 
     def __post_init__(self) -> None:
         if not 0.0 < self.p <= 1.0:
@@ -89,20 +89,79 @@ class Nucleus:
         if self.p >= 1.0:
             return logits
         probs = torch.softmax(logits, dim=-1)
-        # Sorting the whole vocabulary every step is the slow part; the nucleus nearly always
-        # lies within the top few hundred, so look there first and sort everything only if not.
+        # Sorting the whole vocabulary is slow (~3.5 ms for 49k here). Often the most likely
+        # token alone reaches p; else the nucleus usually lies within the top few hundred: look
+        # there, and only if not, select it by buckets.
+        best, best_id = probs.max(dim=-1)
+        if float(best) >= self.p:
+            out = torch.full_like(logits, -math.inf)
+            out[best_id] = logits[best_id]
+            return out
         head = min(self.HEAD, probs.shape[-1])
         top, order = torch.topk(probs, head)
         cumulative = top.cumsum(dim=-1)
         if float(cumulative[-1]) < self.p and head < probs.shape[-1]:
-            top, order = torch.sort(probs, descending=True)
-            cumulative = top.cumsum(dim=-1)
-        # Keep a token while the mass before it is below p; the first always stays.
-        keep_sorted = (cumulative - top) < self.p
-        keep_sorted[0] = True
-        keep = torch.zeros_like(probs, dtype=torch.bool)
-        keep[order[keep_sorted]] = True
-        return logits.masked_fill(~keep, -math.inf)
+            kept = _nucleus_by_buckets(probs, self.p)
+        else:
+            # Keep a token while the mass before it is below p; the first always stays.
+            keep_sorted = (cumulative - top) < self.p
+            keep_sorted[0] = True
+            kept = order[keep_sorted]
+        # Everything else -inf: filling the vocabulary and copying the few kept logits is ~10x
+        # cheaper than a vocabulary-sized mask.
+        out = torch.full_like(logits, -math.inf)
+        out[kept] = logits[kept]
+        return out
+
+
+def _nucleus_by_buckets(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The ids of the nucleus of mass ``p``, as sorting ``probs`` would give, without the sort.
+
+    Non-negative floats order like their bit patterns, so the top 16 bits (exponent and 7
+    mantissa bits) put every probability in one of 32,768 ordered buckets. The mass of each
+    bucket (one bincount) says which buckets lie wholly inside the nucleus and which one it
+    ends in; only that bucket's few entries are sorted. ~0.2 ms against ~3.5 ms for a sort.
+    """
+    buckets = 1 << 15
+    keys = probs.contiguous().view(torch.int32) >> 16
+    mass_from_top = torch.bincount(keys, weights=probs.double(), minlength=buckets).flip(0).cumsum(0)
+    # The first bucket, from the top, whose mass brings the total to p.
+    reached = min(int(torch.searchsorted(mass_from_top, p)), buckets - 1)
+    boundary = buckets - 1 - reached
+    before = float(mass_from_top[reached - 1]) if reached > 0 else 0.0
+    whole = (keys > boundary).nonzero().flatten()
+    inside = (keys == boundary).nonzero().flatten()
+    values, order = torch.sort(probs[inside], descending=True)
+    # In the boundary bucket, keep a token while the mass before it is below p (so its first
+    # token always stays: ``before`` is below p by the choice of the bucket).
+    keep = (before + values.double().cumsum(0) - values.double()) < p
+    return torch.cat([whole, inside[order[keep]]])
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token id drawn from ``probs`` (non-negative, summing to ~1) with one uniform number
+    from ``generator``, by inverting the cumulative distribution.
+
+    The same law as ``torch.multinomial(probs, 1)``, which spends ~1 ms on a 49k vocabulary
+    (a sixth of a decode step here) against ~60 us for a cumulative sum and a binary search.
+    The sum runs in float64, so a token's share of [0, total) is its probability to ~1e-16;
+    tokens of probability 0 own an empty interval and are never drawn.
+    """
+    if probs.dim() != 1 or probs.numel() == 0:
+        raise ValueError(f"draw needs a 1-D, non-empty probability vector, got shape "
+                         f"{tuple(probs.shape)}")
+    cumulative = probs.to(torch.float64).cumsum(0)
+    total = float(cumulative[-1])
+    if not total > 0.0 or not math.isfinite(total):
+        raise ValueError(f"draw needs probabilities with a positive, finite sum, got {total}")
+    target = float(torch.rand((), generator=generator, dtype=torch.float64)) * total
+    index = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=torch.float64),
+                                   right=True))
+    # target < total, but guard the rounding at the very top: step back to a token with mass.
+    index = min(index, probs.numel() - 1)
+    while float(probs[index]) <= 0.0:
+        index -= 1
+    return index
 
 
 def chain(processors: Sequence[LogitsProcessor]) -> LogitsProcessor:

@@ -100,8 +100,9 @@ class TowerAdapter:
     @torch.inference_mode()
     def prefill_inputs(self, ids: Sequence[int], context: VisionContext,
                        model: Any) -> dict[str, torch.Tensor]:
-        embeds = model.get_input_embeddings()(torch.tensor([list(ids)])).clone()
-        pixels = torch.stack([image.tensors["pixels"] for image in context.images])
+        device = model.get_input_embeddings().weight.device
+        embeds = model.get_input_embeddings()(torch.tensor([list(ids)], device=device)).clone()
+        pixels = torch.stack([image.tensors["pixels"] for image in context.images]).to(device)
         patches = self.tower(pixels).to(embeds.dtype)
         for n, span in enumerate(context.spans):
             embeds[0, span.start: span.start + span.length] = patches[n]
