@@ -60,8 +60,8 @@ def test_allow_only_needs_ids() -> None:
         AllowOnly(())
 
 
-def test_nucleus_shortcut_equals_a_full_sort() -> None:
-    """The top-256 shortcut and the bucket selection keep exactly the set a full sort keeps."""
+def test_nucleus_selection_equals_a_full_sort() -> None:
+    """The one-token shortcut and the bucket selection keep exactly what a full sort keeps."""
     generator = torch.Generator().manual_seed(0)
     fallbacks = 0
     for case in range(120):
@@ -74,8 +74,8 @@ def test_nucleus_shortcut_equals_a_full_sort() -> None:
         expected = torch.zeros(size, dtype=torch.bool)
         expected[order[keep_sorted]] = True
         assert torch.equal(torch.isfinite(Nucleus(p)(logits)), expected), case
-        fallbacks += int(expected.sum()) > Nucleus.HEAD
-    assert fallbacks > 20  # the bucket path was exercised too
+        fallbacks += int(expected.sum()) > 1
+    assert 20 < fallbacks < 120  # both paths were exercised
 
 
 def test_draw_follows_the_probabilities_and_never_picks_a_zero() -> None:

@@ -11,9 +11,10 @@ memory floor. This runner does the same arithmetic, in float32 and in the same o
   free: recording attention costs nothing extra, and prefill computes only the last row.
 
 With packed weights (``packed.py``: a GGUF model's own Q4_1/Q8_0 blocks, bit for bit the
-float32 weights) a decode step is one C call per layer (norm, q/k/v, rotary, cache write,
-attention with its weights, MLP) reading 97 MB instead of 538; short prefills use the packed
-matmul, long ones BLAS on one layer's weights rebuilt at a time. The model's float32 layer
+float32 weights) a decode step is one C call for the whole model (per layer: norm, q/k/v,
+rotary, cache write, attention with its weights, MLP; then the final norm and the output head)
+reading 97 MB instead of 538; short prefills use the packed matmul, long ones BLAS on one
+layer's weights rebuilt at a time. The model's float32 layer
 weights are then never read by the engine (nor fused), so they stay unloaded pages of the
 mapped safetensors file: the server's resident memory drops rather than grows.
 

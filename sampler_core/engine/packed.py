@@ -17,6 +17,12 @@ matmul, as it would between any two BLAS libraries. Rows are shared among as man
 torch uses (a small pool in the kernel, robust to a busy machine), each row summed by one
 thread in a fixed order, so results do not depend on the thread count.
 
+The blocks are stored rearranged (quants of a row together, its float16 scales together; see
+``packed_kernel.c``) in a cache file beside the converted model, so the kernel widens a row's
+scales sixteen at a time and rebuilds a Q4_1 block's 32 weights from a 16-entry table with two
+lane permutes. ``decode_step`` runs one whole decode step (every layer, the final norm and the
+output head) in one call.
+
 Nothing here is used when the kernel cannot be built (no compiler, no AVX-512) or the weights
 in the GGUF file do not reproduce the loaded model's bit for bit: the engine then runs float32.
 """
