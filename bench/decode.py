@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                                  / statistics.median(long["engine"]), 3),
         "server_peak_rss_mb": round(server_rss, 1),
         "weights": engine._fast.weights if engine._fast is not None else "transformers",
+        "device": str(engine.device),
         "deviation_from_float32": dev,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "prompt_tokens": args.prompt_tokens,

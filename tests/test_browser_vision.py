@@ -35,9 +35,11 @@ def _scroll_to(driver, element) -> None:
 def _drive(server, driver, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, 240)
+    # Streamlit re-renders while tokens stream: an element read mid-render goes stale; retry.
+    wait = WebDriverWait(driver, 240, ignored_exceptions=(StaleElementReferenceException,))
     driver.get(server)
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'textarea[aria-label^="Prompt"]'))
     _idle(driver, wait)
@@ -78,7 +80,7 @@ def _drive(server, driver, tmp_path: Path) -> None:
     driver.find_element(By.XPATH, '//button[.//p[text()="Run"]]').click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "span.pide-chip")) > 16)
     _idle(driver, wait)
-    chips = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "span.pide-chip")]
+    chips = wait.until(lambda d: [c.text for c in d.find_elements(By.CSS_SELECTOR, "span.pide-chip")])
     assert sum(c.startswith("▦1 ") for c in chips) == 16, chips
     _no_error(driver, "after the vision run")
     _scroll_to(driver, driver.find_element(By.XPATH, '//h4[contains(., "Output")]'))

@@ -126,9 +126,11 @@ def test_workbench_in_chromium(server, browser) -> None:
 def _drive(server, browser) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, 180)
+    # Streamlit re-renders while tokens stream: an element read mid-render goes stale; retry.
+    wait = WebDriverWait(browser, 180, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(server)
     area = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'textarea[aria-label^="Prompt"]'))
     _idle(browser, wait)
@@ -145,8 +147,8 @@ def _drive(server, browser) -> None:
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "span.pide-chip"))
     _idle(browser, wait)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button'))
-    chips = browser.find_elements(By.CSS_SELECTOR, "span.pide-chip")
-    assert chips and all(c.text for c in chips)
+    chips = wait.until(lambda d: [c.text for c in d.find_elements(By.CSS_SELECTOR, "span.pide-chip")])
+    assert chips and all(chips)
     _no_error(browser, "after the run")
     _shot(browser, "01-run")
     # Open the first token's alternatives.
