@@ -102,13 +102,14 @@ class Nucleus:
 def _nucleus_by_buckets(probs: torch.Tensor, p: float) -> torch.Tensor:
     """The ids of the nucleus of mass ``p``, as sorting ``probs`` would give, without the sort.
 
-    Non-negative floats order like their bit patterns, so the top 16 bits (exponent and 7
-    mantissa bits) put every probability in one of 32,768 ordered buckets. The mass of each
-    bucket (one bincount) says which buckets lie wholly inside the nucleus and which one it
-    ends in; only that bucket's few entries are sorted. ~0.25 ms against ~3.5 ms for a sort.
+    Non-negative floats order like their bit patterns, so the top 14 bits (sign, exponent and
+    5 mantissa bits) put every probability in one of 8,192 ordered buckets, each 1/32 of a
+    power of two wide. The mass of each bucket (one bincount) says which buckets lie wholly
+    inside the nucleus and which one it ends in; only that bucket's entries are sorted.
+    ~0.3 ms against ~3.5 ms for a sort, in arrays small enough to stay off fresh pages.
     """
-    buckets = 1 << 15
-    keys = probs.contiguous().view(torch.int32) >> 16
+    buckets = 1 << 13
+    keys = probs.contiguous().view(torch.int32) >> 18
     mass = torch.bincount(keys, weights=probs, minlength=buckets)
     mass_from_top = mass.double().flip(0).cumsum(0)
     # The first bucket, from the top, whose mass brings the total to p.
