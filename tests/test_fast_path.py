@@ -105,6 +105,42 @@ def test_decode_attention_rows_equal_eager_attention_after_a_long_prefill(fast) 
     assert abs(last_rows - tokens[2].attention.weights).max() < 1e-4
 
 
+def test_decode_over_several_attention_pieces_matches_eager_and_any_thread_count(fast) -> None:
+    """A context of ~300 positions spans three of the kernel's 128-position attention pieces
+    (a split softmax): rows and probabilities still match eager attention and a float32
+    forward, and one thread gives bit for bit what two give."""
+    from transformers import AutoModelForCausalLM
+
+    from sampler_core.engine import packed
+
+    ids = (fast.encode(PROMPTS[-1] + " ") * 8)[:300]
+    settings = dict(max_len=4, temperature=0.0, return_attention=True, full_attention=True)
+    tokens = tokens_of(fast, ids, **settings)
+    context = ids + [t.token_id for t in tokens][:3]
+    eager = AutoModelForCausalLM.from_pretrained(fast.model.name_or_path,
+                                                 attn_implementation="eager")
+    with torch.inference_mode():
+        out = eager(torch.tensor([context]), output_attentions=True)
+    last_rows = torch.stack([m[0, :, -1, :] for m in out.attentions]).numpy()
+    assert last_rows.shape == tokens[3].attention.weights.shape == (30, 9, 303)
+    assert abs(last_rows - tokens[3].attention.weights).max() < 1e-4
+    probs = torch.softmax(out.logits[0, len(ids) - 1:], dim=-1)
+    for n, token in enumerate(tokens):
+        assert token.token_id == int(probs[n].argmax())
+        assert abs(token.raw_prob - float(probs[n, token.token_id])) < 1e-4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    packed.use_threads(1)
+    try:
+        alone = tokens_of(fast, ids, **settings)
+    finally:
+        torch.set_num_threads(threads)
+        packed.use_threads(threads)
+    assert [(t.token_id, t.raw_prob) for t in alone] == [(t.token_id, t.raw_prob) for t in tokens]
+    assert all((a.attention.weights == b.attention.weights).all()
+               for a, b in zip(alone, tokens))
+
+
 def test_weights_mode_is_validated(monkeypatch) -> None:
     from sampler_core.engine.packed import weights_mode
 
