@@ -20,7 +20,7 @@ from sampler_core.engine.base import Event, FairLock
 from sampler_core.engine.fast_llama import FastLlama, KVCache, supports
 from sampler_core.engine.models import LoadedModel
 from sampler_core.engine.packed import packed_for
-from sampler_core.engine.processors import LogitsProcessor, build_chain, draw
+from sampler_core.engine.processors import LogitsProcessor, argmax, build_chain, draw
 from sampler_core.engine.threads import one_thread
 from sampler_core.errors import ContextOverflow, InvalidInput, InvalidSettings
 from sampler_core.inputs import ImagePart, PromptPart, TextPart, TokenIdsPart
@@ -307,7 +307,7 @@ class CausalLMEngine:
             prob=float(processed[token_id]) if processed is not None else math.exp(raw_logprob),
             top_k=top_k, attn_weights=tuple(mean), token_type=token_type,
             raw_prob=math.exp(raw_logprob), logprob=raw_logprob,
-            rank=int((logits > logits[token_id]).sum()) + 1,
+            rank=int(np.count_nonzero(logits.numpy() > float(logits[token_id]))) + 1,
             # Raw logits are finite, so every logprob is too and p * logprob needs no 0 * -inf
             # guard (torch.special.entr's is 10x slower).
             entropy=float(-(probs * logprobs).sum()), position=position,
@@ -346,7 +346,7 @@ class CausalLMEngine:
             with one_thread():
                 processed = torch.softmax(plan.chain(last), dim=-1)
                 # 3. Pick: argmax when greedy, else a draw from the seeded generator.
-                token_id = int(torch.argmax(processed)) if s.greedy else draw(processed, rng)
+                token_id = argmax(processed) if s.greedy else draw(processed, rng)
             # 4. A stop token or EOS ends the run and is not part of the output.
             if token_id in plan.stop_ids or (s.stop_at_eos and token_id == self.eos_id):
                 finish = FinishReason.STOP_TOKEN if token_id in plan.stop_ids else FinishReason.EOS

@@ -10,11 +10,21 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from sampler_core.errors import InvalidSettings
 
 LogitsProcessor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def argmax(values: torch.Tensor) -> int:
+    """The index of the first largest entry of a 1-D CPU tensor, as ``torch.argmax`` gives it.
+
+    numpy's vectorised scan takes ~6 us for the 49k vocabulary here, torch's ~80 us; the step
+    loop needs one or two a token.
+    """
+    return int(np.argmax(values.numpy()))
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class Greedy:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         out = torch.full_like(logits, -math.inf)
-        best = int(torch.argmax(logits))
+        best = argmax(logits)
         out[best] = logits[best]
         return out
 
@@ -90,8 +100,9 @@ class Nucleus:
         probs = torch.softmax(logits, dim=-1)
         # Sorting the whole vocabulary is slow (~3.5 ms for 49k here): often the most likely
         # token alone reaches p, else select the nucleus by buckets.
-        best, best_id = probs.max(dim=-1)
-        kept = best_id.view(1) if float(best) >= self.p else _nucleus_by_buckets(probs, self.p)
+        best = argmax(probs)
+        kept = (torch.tensor([best]) if float(probs[best]) >= self.p
+                else _nucleus_by_buckets(probs, self.p))
         # Everything else -inf: filling the vocabulary and copying the few kept logits is ~10x
         # cheaper than a vocabulary-sized mask.
         out = torch.full_like(logits, -math.inf)
