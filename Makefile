@@ -45,6 +45,7 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(PY) bench/decode.py
 	$(PY) bench/load.py
+	$(PY) bench/step.py
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
