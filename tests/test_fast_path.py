@@ -141,6 +141,20 @@ def test_decode_over_several_attention_pieces_matches_eager_and_any_thread_count
                for a, b in zip(alone, tokens))
 
 
+def test_contexts_beyond_the_kernels_limit_decode_through_the_loop(fast, monkeypatch) -> None:
+    """Past the C decode step's context limit, steps go through the per-layer loop (packed
+    matmuls, torch attention): the same tokens, probabilities within 1e-5."""
+    settings = dict(max_len=12, temperature=0.0, return_attention=True)
+    ids = fast.encode(PROMPTS[0])
+    in_c = tokens_of(fast, ids, **settings)
+    monkeypatch.setattr(fast._fast, "_decode_max_context", 0)
+    in_loop = tokens_of(fast, ids, **settings)
+    assert [t.token_id for t in in_loop] == [t.token_id for t in in_c]
+    assert max(abs(a.raw_prob - b.raw_prob) for a, b in zip(in_loop, in_c)) < 1e-5
+    assert max(abs(x - y) for a, b in zip(in_loop, in_c)
+               for x, y in zip(a.attn_weights, b.attn_weights)) < 1e-5
+
+
 def test_weights_mode_is_validated(monkeypatch) -> None:
     from sampler_core.engine.packed import weights_mode
 

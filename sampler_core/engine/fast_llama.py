@@ -121,6 +121,8 @@ class FastLlama:
             # of one model run one at a time: the engine's step lock).
             self._unpacked = [torch.empty(p.out_features, p.in_features)
                               for p in self.packed.layers[0]]
+            # Longer contexts decode through the loop below (packed matmuls, torch attention).
+            self._decode_max_context = packed_kernels.kernel().decode_max_context()
             # What the C decode step reads; it points into tensors this runner keeps.
             self._decode_model = packed_kernels.decode_struct(
                 self.packed, norms_in=[layer[0] for layer in self.layers],
@@ -174,7 +176,7 @@ class FastLlama:
         end = start + steps
         rows = (torch.empty(self.num_layers, self.num_heads, end, device=x.device)
                 if attention else None)
-        if steps == 1 and self.packed is not None:
+        if steps == 1 and self.packed is not None and end <= self._decode_max_context:
             return self._decode_packed(x, cache, rows), rows
         cos, sin = (t.unsqueeze(0) for t in self._rotary(start, end))  # [1, T, head_dim]
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):

@@ -117,6 +117,8 @@ def kernel() -> Any:
             lib.packed_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                               ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
             lib.packed_dequantize.restype = None
+            lib.packed_max_in_features.restype = ctypes.c_int
+            lib.decode_max_context.restype = ctypes.c_int
             lib.pool_threads.argtypes = [ctypes.c_int]
             lib.pool_threads(torch.get_num_threads())
             _lib = lib
@@ -282,7 +284,9 @@ def load_packed(gguf_path: Path, model: Any) -> PackedLlama | None:
         if tensor is None or tensor.tensor_type.name not in supported:
             return None
         packed = _packed(tensor, rows_heads)
-        if packed.in_features % BLOCK or not packed.equals(module_weight):
+        # The kernel widens a row's scales on its stack: rows up to its limit only.
+        if (packed.in_features % BLOCK or packed.in_features > kernel().packed_max_in_features()
+                or not packed.equals(module_weight)):
             return None
         return packed
 

@@ -530,4 +530,8 @@ void decode_step(const packed_model* m, float* x, const float* cos, const float*
     packed_matmul(m->head_kind, scratch, 1, m->hidden, m->head.q, m->head.s, m->vocab, logits);
 }
 
+/* The limits of this kernel, for packed.py to check before it hands a model over. */
+int packed_max_in_features(void) { return MAX_K; }
+int decode_max_context(void) { return MAX_PIECES * ATTENTION_PIECE; }
+
 int packed_version(void) { return 4; }
