@@ -50,6 +50,8 @@ BLOCK = 32
 #: The packed linears of one layer, in order.
 LAYER_PARTS = ("qkv", "o", "gate_up", "down")
 WEIGHT_MODES = ("packed", "float32")
+#: The kernel's rotary step works on heads up to this size (a buffer on its stack).
+MAX_HEAD_DIM = 512
 
 _SOURCE_FILE = Path(__file__).with_name("packed_kernel.c")
 
@@ -409,6 +411,10 @@ def packed_for(name: str, model: Any) -> PackedLlama | None:
     source = gguf_source(name)
     on_cpu = next(model.parameters()).device.type == "cpu"  # the kernel is a CPU kernel
     if source is None or not on_cpu or weights_mode() != "packed" or kernel() is None:
+        return None
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim > MAX_HEAD_DIM:
         return None
     cached = _cache_file(source)
     if cached.is_file():

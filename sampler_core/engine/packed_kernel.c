@@ -300,7 +300,7 @@ static inline float dot(const float* a, const float* b, int n) {
 /* x * cos + rotate_half(x) * sin over one head. */
 static void rope(float* x, const float* cos, const float* sin, int dim) {
     const int half = dim / 2;
-    float rotated[512];
+    float rotated[512]; /* packed.py hands over heads of at most MAX_HEAD_DIM = 512 */
     for (int i = 0; i < half; i++) {
         rotated[i] = -x[i + half];
         rotated[i + half] = x[i];
