@@ -308,9 +308,9 @@ class CausalLMEngine:
             top_k=top_k, attn_weights=tuple(mean), token_type=token_type,
             raw_prob=math.exp(raw_logprob), logprob=raw_logprob,
             rank=int(np.count_nonzero(logits.numpy() > float(logits[token_id]))) + 1,
-            # Raw logits are finite, so every logprob is too and p * logprob needs no 0 * -inf
-            # guard (torch.special.entr's is 10x slower).
-            entropy=float(-(probs * logprobs).sum()), position=position,
+            # nansum: a -inf logit gives 0 * -inf, which counts 0 (torch.special.entr does the
+            # same, ~3x slower).
+            entropy=float(-(probs * logprobs).nansum()), position=position,
             attention=AttentionDetail(rows.numpy().astype(np.float32))
             if rows is not None and settings.full_attention else None)
 
