@@ -51,6 +51,9 @@ def run_prompt(at, prompt: str, max_len: int = 6, **checks: bool):
 def test_playground_runs_selects_and_branches(app, engine) -> None:
     run = run_prompt(app, "The capital of France is", max_len=6)
     assert run.status == "done" and 1 <= len(run.generated) <= 6
+    # The summary line says how fast the tokens came.
+    assert run.timing is not None and run.timing.first_token_s > 0
+    assert any("first token" in c.value for c in app.caption)
     chips = app.get("html")[0].proto.body
     assert chips.count('class="pide-chip"') == len(run.tokens)
     assert "Chip colour" in app.get("html")[1].proto.body

@@ -292,3 +292,13 @@ def test_overlay_figure_lays_the_grid_over_the_picture() -> None:
     assert heat.zmax == pytest.approx(0.7) and heat.zmin == 0.0
     blank = overlay.figure(None, z, grid, "t")  # the kept copy is gone: a blank canvas, same grid
     assert blank.layout.images[0].sizex == 2 * blank.layout.images[0].sizey
+
+
+def test_run_timing_and_its_line() -> None:
+    assert views.run_timing(10.0, []) is None
+    one = views.run_timing(10.0, [10.4])
+    assert one == views.RunTiming(first_token_s=pytest.approx(0.4), tokens_per_s=None)
+    assert views.timing_line(one) == "first token 0.40 s"
+    many = views.run_timing(10.0, [10.5, 10.6, 10.7, 10.8, 10.9])
+    assert many.first_token_s == pytest.approx(0.5) and many.tokens_per_s == pytest.approx(10.0)
+    assert views.timing_line(many) == "first token 0.50 s · 10.0 tokens/s"

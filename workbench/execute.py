@@ -17,7 +17,7 @@ from sampler_core.tokens import RunSummary, Token, TokenType
 from workbench import resources, store
 from workbench.components import chips
 from workbench.components.sidebar import Sidebar
-from workbench.views import RunResult
+from workbench.views import RunResult, run_timing
 
 
 def _redraw_due(n: int) -> bool:
@@ -81,6 +81,7 @@ def stream_run(bar: Sidebar, prompt: str, settings: SampleSettings, where: Any, 
         # (the text's token count misses image tokens).
         forced_from = forced[0].position if forced and forced[0].position is not None else len(labels)
         scored: list[str] = []
+        started, stamps = time.perf_counter(), []  # for the run's speed line
         with contextlib.closing(resources.runner().stream(bar.client, parts, settings, bar.model)) as events:
             for event in events:
                 if isinstance(event, RunSummary):
@@ -97,7 +98,8 @@ def stream_run(bar: Sidebar, prompt: str, settings: SampleSettings, where: Any, 
                         run = run.with_tokens(tokens, prompt_labels=tuple(scored))
                 else:
                     tokens.append(event)
-                run = run.with_tokens(tokens)
+                    stamps.append(time.perf_counter())
+                run = run.with_tokens(tokens, timing=run_timing(started, stamps))
                 update(run)
                 if _redraw_due(len(tokens)):
                     chips.render(tokens, where=where)

@@ -218,6 +218,30 @@ def total_logprob(tokens: Sequence[Token]) -> float:
 
 
 @dataclass(frozen=True)
+class RunTiming:
+    """How fast a run came back, as the page saw it: seconds from the request to the first
+    generated token, and generated tokens per second after it (None with fewer than two)."""
+
+    first_token_s: float
+    tokens_per_s: float | None
+
+
+def run_timing(started: float, stamps: Sequence[float]) -> RunTiming | None:
+    """Timing from the request's start and the arrival time of each generated token."""
+    if not stamps:
+        return None
+    span = stamps[-1] - stamps[0]
+    rate = (len(stamps) - 1) / span if len(stamps) > 1 and span > 0 else None
+    return RunTiming(first_token_s=stamps[0] - started, tokens_per_s=rate)
+
+
+def timing_line(timing: RunTiming) -> str:
+    """``first token 0.41 s · 131.2 tokens/s``."""
+    line = f"first token {timing.first_token_s:.2f} s"
+    return line + (f" · {timing.tokens_per_s:.1f} tokens/s" if timing.tokens_per_s else "")
+
+
+@dataclass(frozen=True)
 class RunResult:
     """One run as the workbench keeps it: what was asked and what came back.
 
@@ -243,6 +267,7 @@ class RunResult:
     source: str = "local"
     image_sha: str | None = None      # sha256 of the image sent (bytes kept by store.put_image)
     image_after: bool = False         # the image came after the text (else before it)
+    timing: RunTiming | None = None   # measured while streaming; not kept in the history store
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

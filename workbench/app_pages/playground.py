@@ -12,8 +12,8 @@ from sampler_core.tokens import TokenType
 from workbench import images, resources, state, store
 from workbench.components import chips, overlay, sidebar, topk
 from workbench.execute import stream_run, with_image_settings
-from workbench.views import (RunResult, branch_forced, image_chip_text, root_of, run_image_grids, token_label,
-                             token_rows, tree_rows, visible)
+from workbench.views import (RunResult, branch_forced, image_chip_text, root_of, run_image_grids,
+                             timing_line, token_label, token_rows, tree_rows, visible)
 
 
 def _wrap_chat(bar: sidebar.Sidebar) -> None:
@@ -211,7 +211,8 @@ def _summary(run: RunResult) -> None:
         st.caption(f"{s.model_name} · {s.num_prompt_tokens} prompt tokens · {n} generated · "
                    f"finished: {s.finish_reason.value}"
                    + (f" ({visible(s.stop_match)})" if s.stop_match else "")
-                   + f" · seed {run.settings.rng_seed}")
+                   + f" · seed {run.settings.rng_seed}"
+                   + (f" · {timing_line(run.timing)}" if run.timing else ""))
         for note in s.notes:
             st.warning(note)
 
