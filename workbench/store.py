@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sampler_core.paths import data_dir
 from sampler_core.settings import SampleSettings
 from sampler_core.tokens import FinishReason, RunSummary, Token, TokenType
 
@@ -45,15 +46,6 @@ COLUMNS = ("run_id", "created", "model", "source", "prompt", "settings", "seed",
            "error", "output", "tokens", "prompt_labels", "summary", "parent_id", "branch_index",
            "forced_ids", "image_name", "image_sha", "image_after")
 IMAGE_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
-
-
-def data_dir() -> Path:
-    """$PROMPT_IDE_DATA, else $XDG_DATA_HOME/prompt-ide, else ~/.local/share/prompt-ide."""
-    env = os.environ.get("PROMPT_IDE_DATA")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "prompt-ide"
 
 
 def _connect(path: Path | None = None) -> sqlite3.Connection:

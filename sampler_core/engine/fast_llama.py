@@ -114,7 +114,9 @@ class FastLlama:
             ))
         self.intermediate = config.intermediate_size
         self._cos = self._sin = torch.empty(0, self.head_dim)
-        if packed is not None and packed_kernels.kernel() is None:
+        #: The compiled kernel (looked up once: ``kernel()`` takes a lock), or None.
+        self._kernel = packed_kernels.kernel() if packed is not None else None
+        if self._kernel is None:
             self.packed = None
         if self.packed is not None:
             # One layer's float32 weights for long prefills, reused layer after layer (forwards
@@ -122,7 +124,7 @@ class FastLlama:
             self._unpacked = [torch.empty(p.out_features, p.in_features)
                               for p in self.packed.layers[0]]
             # Longer contexts decode through the loop below (packed matmuls, torch attention).
-            self._decode_max_context = packed_kernels.kernel().decode_max_context()
+            self._decode_max_context = self._kernel.decode_max_context()
             # What the C decode step reads; it points into tensors this runner keeps.
             self._decode_model = packed_kernels.decode_struct(
                 self.packed, norms_in=[layer[0] for layer in self.layers],
@@ -237,8 +239,8 @@ class FastLlama:
         write, attention with its weights into ``rows``, output, MLP; then the final norm and
         the output head), without a Python round trip per layer.
         """
-        lib = packed_kernels.kernel()
-        packed_kernels.use_threads(torch.get_num_threads())
+        lib = self._kernel
+        lib.pool_threads(torch.get_num_threads())  # as many as torch uses, if changed since
         x = x.clone()  # updated in place
         start, capacity = cache.length, cache.keys.shape[2]
         if start >= capacity:

@@ -533,5 +533,3 @@ void decode_step(const packed_model* m, float* x, const float* cos, const float*
 /* The limits of this kernel, for packed.py to check before it hands a model over. */
 int packed_max_in_features(void) { return MAX_K; }
 int decode_max_context(void) { return MAX_PIECES * ATTENTION_PIECE; }
-
-int packed_version(void) { return 4; }

@@ -9,7 +9,6 @@ actual spend is recorded when it ends, so concurrent requests cannot overshoot t
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 import threading
 import time
@@ -48,15 +47,6 @@ class Transaction:
     create_time: datetime
     cost_multiplier: int = 1
     confirmed: bool = True
-
-
-def default_data_dir() -> Path:
-    """$PROMPT_IDE_DATA, else $XDG_DATA_HOME/prompt-ide, else ~/.local/share/prompt-ide."""
-    env = os.environ.get("PROMPT_IDE_DATA")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "prompt-ide"
 
 
 def _hash(key: str) -> str:

@@ -32,7 +32,8 @@ from sampler_core.tokens import RunSummary, Token, TokenType
 from sampler_core.wire import convert
 from sampler_core.wire._generated.prompt_ide import sampler_public_pb2 as pb
 from sampler_core.wire._generated.prompt_ide import sampler_public_pb2_grpc as pb_grpc
-from sampler_core.wire.accounts import Accounts, default_data_dir, read_key_file
+from sampler_core.paths import data_dir as default_data_dir
+from sampler_core.wire.accounts import Accounts, read_key_file
 
 logger = logging.getLogger("sampler_core.server")
 
