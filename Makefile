@@ -44,6 +44,7 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(PY) bench/decode.py
+	$(PY) bench/prefill.py
 	$(PY) bench/load.py
 	$(PY) bench/step.py
 

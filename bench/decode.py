@@ -9,9 +9,12 @@ that drift of the machine hits every configuration alike. Also: time to first to
 resident memory (VmHWM) of ``sampler-core serve`` with the default model after one request;
 and the largest deviation of the engine's decode path (packed GGUF weights unless
 ``PROMPT_IDE_WEIGHTS=float32``) from a float32 full forward: greedy tokens and probabilities.
+The opt-in ``fixed16`` prefill (``PROMPT_IDE_PREFILL=fixed16``: 16-bit fixed-point activations
+in long prefills) gets its own 2,000-token time to first token and its deviation on five
+400-token prompts (windows of this repository's README), next to the default path's.
 The last line is one JSON object.
 
-    python bench/decode.py [--reps 3] [--new-tokens 128] [--prompt-tokens 200] [--long-reps 2]
+    python bench/decode.py [--reps 3] [--new-tokens 128] [--prompt-tokens 200] [--long-reps 3]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from _server import running_server
@@ -132,13 +136,55 @@ def deviation(engine: Any, new: int) -> dict[str, Any]:
     return {"prompts": len(PROMPTS), "same_greedy_tokens": same, "max_prob_diff": worst}
 
 
+def long_windows(engine: Any, count: int = 5, size: int = 400) -> list[list[int]]:
+    """``count`` prompts of ``size`` tokens: windows of the README (varied English and code)."""
+    ids = engine.encode((Path(__file__).parents[1] / "README.md").read_text())
+    step = max(1, (len(ids) - size) // count)
+    return [ids[n * step:n * step + size] for n in range(count)]
+
+
+def long_deviation(engine: Any, eager: Any, windows: list[list[int]], new: int
+                   ) -> dict[str, Any]:
+    """Greedy tokens, probabilities and the first token's attention rows against a float32
+    forward of ``eager`` (the same model with transformers' eager attention)."""
+    worst, same, attention = 0.0, 0, 0.0
+    for ids in windows:
+        s = SampleSettings(max_len=new, temperature=0.0, stop_at_eos=False,
+                           return_attention=True, full_attention=True)
+        tokens = [e for e in engine.start([TokenIdsPart(tuple(ids))], s) if isinstance(e, Token)]
+        got = [t.token_id for t in tokens]
+        with torch.inference_mode():
+            out = eager(torch.tensor([ids + got]), output_attentions=True)
+        logits = out.logits[0, len(ids) - 1:-1]
+        probs = torch.softmax(logits, dim=-1)
+        same += got == logits.argmax(-1).tolist()
+        worst = max(worst, max(abs(t.raw_prob - float(probs[n, t.token_id]))
+                               for n, t in enumerate(tokens)))
+        # The first token's rows: attention of the prompt's last position, every layer.
+        rows = torch.stack([m[0, :, len(ids) - 1, :len(ids)] for m in out.attentions])
+        attention = max(attention, float((rows - torch.from_numpy(
+            tokens[0].attention.weights)).abs().max()))
+    return {"prompts": len(windows), "prompt_tokens": len(windows[0]), "new_tokens": new,
+            "same_greedy_tokens": same, "max_prob_diff": worst,
+            "max_attention_diff": attention}
+
+
+def fixed16(engine: Any, on: bool) -> bool:
+    """Switch the engine's ``fixed16`` prefill on or off; whether it can run here."""
+    fast = engine._fast
+    if fast is None or fast.packed is None or not fast._kernel.prefill_supported():
+        return False
+    fast._prefill_fixed = on
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--long-prompt-tokens", type=int, default=2000)
-    parser.add_argument("--long-reps", type=int, default=2)
+    parser.add_argument("--long-reps", type=int, default=3)
     args = parser.parse_args(argv)
 
     engine = get_engine("")
@@ -159,12 +205,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rep {rep + 1} {name:<10} {tok_s:6.2f} tok/s  ttft {ttft:7.1f} ms",
                   file=sys.stderr, flush=True)
     long_ids = prompt_ids(engine, args.long_prompt_tokens)
-    long: dict[str, list[float]] = {"engine": [], "generate": []}
+    long: dict[str, list[float]] = {"engine": [], "fixed16": [], "generate": []}
+    has_fixed16 = fixed16(engine, False)
     for rep in range(args.long_reps):  # TTFT only: two new tokens each
         long["engine"].append(time_engine(engine, long_ids, 2, top_k=20)[1])
+        if has_fixed16:
+            fixed16(engine, True)
+            long["fixed16"].append(time_engine(engine, long_ids, 2, top_k=20)[1])
+            fixed16(engine, False)
         long["generate"].append(time_generate(engine, long_ids, 2)[1])
         print(f"rep {rep + 1} ttft {args.long_prompt_tokens}: engine {long['engine'][-1]:.0f} ms,"
+              f" fixed16 {long['fixed16'][-1] if has_fixed16 else float('nan'):.0f} ms,"
               f" generate {long['generate'][-1]:.0f} ms", file=sys.stderr, flush=True)
+    windows = long_windows(engine)
+    eager = AutoModelForCausalLM.from_pretrained(engine.model.name_or_path,
+                                                 attn_implementation="eager")
+    dev_long = long_deviation(engine, eager, windows, 32)
+    print(f"long prompts, default prefill: {dev_long}", file=sys.stderr, flush=True)
+    dev_fixed16 = None
+    if has_fixed16:
+        fixed16(engine, True)
+        dev_fixed16 = long_deviation(engine, eager, windows, 32)
+        fixed16(engine, False)
+        print(f"long prompts, fixed16 prefill: {dev_fixed16}", file=sys.stderr, flush=True)
     dev = deviation(engine, args.new_tokens)
     print(f"deviation from float32: {dev}", file=sys.stderr, flush=True)
     server_rss = server_peak_rss_mb()
@@ -183,10 +246,17 @@ def main(argv: list[str] | None = None) -> int:
         "generate_ttft_2000_ms": round(statistics.median(long["generate"]), 1),
         "ratio_ttft_2000": round(statistics.median(long["generate"])
                                  / statistics.median(long["engine"]), 3),
+        "ttft_2000_fixed16_ms": (round(statistics.median(long["fixed16"]), 1)
+                                 if has_fixed16 else None),
+        "ratio_ttft_2000_fixed16": (round(statistics.median(long["generate"])
+                                          / statistics.median(long["fixed16"]), 3)
+                                    if has_fixed16 else None),
         "server_peak_rss_mb": round(server_rss, 1),
         "weights": engine._fast.weights if engine._fast is not None else "transformers",
         "device": str(engine.device),
         "deviation_from_float32": dev,
+        "deviation_long_prompts": dev_long,
+        "deviation_long_prompts_fixed16": dev_fixed16,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,

@@ -7,6 +7,8 @@ rows equal to eager attention, results independent of the thread count, seeds re
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -163,3 +165,100 @@ def test_weights_mode_is_validated(monkeypatch) -> None:
     monkeypatch.setenv("PROMPT_IDE_WEIGHTS", "int3")
     with pytest.raises(ValueError, match="PROMPT_IDE_WEIGHTS must be one of packed, float32"):
         weights_mode()
+
+
+def test_prefill_mode_is_validated(monkeypatch) -> None:
+    from sampler_core.engine.packed import prefill_mode
+
+    assert prefill_mode() == "float32"  # exact unless asked for by name
+    monkeypatch.setenv("PROMPT_IDE_PREFILL", "fixed16")
+    assert prefill_mode() == "fixed16"
+    monkeypatch.setenv("PROMPT_IDE_PREFILL", "int4")
+    with pytest.raises(ValueError, match="PROMPT_IDE_PREFILL must be one of float32, fixed16, "
+                                         "got 'int4'"):
+        prefill_mode()
+
+
+def _eager_attention(q, keys, values, start: int, group: int, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v with a causal mask after ``start`` cached positions."""
+    steps = q.shape[1]
+    k, v = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    scores = (q.double() @ k.double().transpose(1, 2)) * scale
+    mask = torch.ones(steps, start + steps, dtype=torch.bool).tril(diagonal=start)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (weights @ v.double()).transpose(0, 1).reshape(steps, -1).float()
+
+
+@pytest.mark.parametrize("start, steps", [(0, 2), (0, 37), (0, 300), (5, 70), (129, 33)])
+def test_prefill_attention_kernel_equals_eager_attention(fast, start, steps) -> None:
+    """The C prefill attention (causal, grouped heads, one pass of 64-key steps) against a
+    float64 eager softmax, over odd sizes, a cached prefix, and 1 or 2 threads alike."""
+    from sampler_core.engine import packed
+
+    runner = fast._fast
+    assert runner._prefill_attention
+    gen = torch.Generator().manual_seed(steps)
+    cache = runner.new_cache(start + steps + 7)
+    cache.keys.normal_(generator=gen)
+    cache.values.normal_(generator=gen)
+    q = torch.randn(runner.num_heads, steps, runner.head_dim, generator=gen) * 3
+    end = start + steps
+    expected = _eager_attention(q, cache.keys[4, :, :end], cache.values[4, :, :end], start,
+                                runner.group, runner.scale)
+    got = runner._attention_kernel(q, cache, 4, start, steps)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 2e-5
+    packed.use_threads(1)
+    try:
+        alone = runner._attention_kernel(q, cache, 4, start, steps)
+    finally:
+        packed.use_threads(torch.get_num_threads())
+    assert torch.equal(alone, got)
+
+
+@pytest.mark.parametrize("part, rows, out_rows", [(0, 70, None), (2, 33, None), (3, 41, 40)])
+def test_fixed16_prefill_matmul_is_within_its_rounding(fast, part, rows, out_rows) -> None:
+    """x @ W^T with x in 16-bit fixed point per block of 32: within 2e-4 of the largest output
+    of the float32 product, all outputs written (a partial last panel too), any thread count."""
+    from sampler_core.engine import packed
+    from sampler_core.engine.packed import PackedLinear
+
+    need(packed.kernel().prefill_supported() == 1, "this CPU lacks AVX-512 VNNI")
+    linear = fast._fast.packed.layers[11][part]
+    if out_rows is not None:  # a weight whose rows do not fill the last panel of 16
+        linear = PackedLinear(linear.quants[:out_rows].clone(), linear.scales[:out_rows].clone(),
+                              linear.kind, out_rows, linear.in_features)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, linear.in_features, generator=gen) * torch.rand(
+        rows, 1, generator=gen) * 4
+    expected = x.double() @ linear.unpack().double().T
+    got = linear.prefill(x)
+    assert got.shape == expected.shape
+    error = ((got.double() - expected).abs().max() / expected.abs().max()).item()
+    assert 0 < error < 2e-4  # rounded (not exact), and only as much as 16 bits allow
+    packed.use_threads(1)
+    try:
+        assert torch.equal(linear.prefill(x), got)
+    finally:
+        packed.use_threads(torch.get_num_threads())
+
+
+def test_fixed16_prefill_holds_the_same_answers_rule(fast, monkeypatch) -> None:
+    """The opt-in ``fixed16`` prefill on prompts of ~400 tokens: the float32 reference's greedy
+    tokens, probabilities within 1e-3 (measured: ~5e-4 at worst). Prompts: windows of this
+    file's own text (varied, and stable unless the tests change)."""
+    from sampler_core.engine import packed
+
+    need(packed.kernel().prefill_supported() == 1, "this CPU lacks AVX-512 VNNI")
+    monkeypatch.setattr(fast._fast, "_prefill_fixed", True)
+    words = fast.encode(Path(__file__).read_text())
+    for offset in range(0, 5 * 500, 500):
+        ids = words[offset:offset + 400]
+        tokens = tokens_of(fast, ids, max_len=24, temperature=0.0)
+        got = [t.token_id for t in tokens]
+        with torch.inference_mode():
+            logits = fast.model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
+        assert got == logits.argmax(-1).tolist()
+        probs = torch.softmax(logits, dim=-1)
+        expected = probs[torch.arange(len(got)), torch.tensor(got)]
+        assert max(abs(t.raw_prob - float(e)) for t, e in zip(tokens, expected)) < 1e-3

@@ -27,9 +27,9 @@
 #include <stdint.h>
 #include <string.h>
 
-/* ----- the pool ------------------------------------------------------------------------- */
+#include "kernel_common.h"
 
-typedef void (*chunk_fn)(const void* job, int chunk);
+/* ----- the pool ------------------------------------------------------------------------- */
 
 /* state: generation (20 bits) | chunk count (22 bits) | next chunk to claim (22 bits). */
 #define NEXT_BITS 22
@@ -107,8 +107,7 @@ void pool_threads(int threads) {
     pthread_mutex_unlock(&pool.lock);
 }
 
-/* Run fn(job, c) for c in [0, chunks) on the caller and whichever workers are running. */
-static void parallel(chunk_fn fn, const void* job, int chunks) {
+void parallel(chunk_fn fn, const void* job, int chunks) {
     if (atomic_load(&pool.active) <= 0 || chunks == 1) {
         for (int c = 0; c < chunks; c++) fn(job, c);
         return;
@@ -130,6 +129,8 @@ static void parallel(chunk_fn fn, const void* job, int chunks) {
         if (spin < 20) _mm_pause(); else sched_yield();
     pthread_mutex_unlock(&pool.call);
 }
+
+int pool_size(void) { return atomic_load(&pool.active) + 1; }
 
 enum { Q4_1 = 0, Q8_0 = 1 };
 
@@ -306,30 +307,6 @@ static void rope(float* x, const float* cos, const float* sin, int dim) {
         rotated[i + half] = x[i];
     }
     for (int i = 0; i < dim; i++) x[i] = x[i] * cos[i] + rotated[i] * sin[i];
-}
-
-/* exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial (within
- * about 1 ulp of expf), times 2^n by scalef (which also takes care of overflow and underflow).
- * glibc's expf, one call per value, was the largest cost of attention and SiLU here. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* The lanes of a 16-lane step that lie before ``end``. */
-static inline __mmask16 lanes_before(int start, int end) {
-    return end - start >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - start)) - 1);
 }
 
 /* act[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up, as transformers computes it. */

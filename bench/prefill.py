@@ -1,0 +1,65 @@
+"""Time to first token for a long prompt, by how the prefill runs, against generate().
+
+Four ways, interleaved rep by rep so the machine's drift hits each alike: torch's fused
+attention with float32 BLAS linears (the path before ``prefill_attention.c``), the C
+attention kernel with BLAS linears (the default), the C attention kernel with the opt-in
+``fixed16`` linears (``PROMPT_IDE_PREFILL=fixed16``), and transformers' ``generate()``.
+Prints the median of each and ``generate()``'s median over it (above 1: faster); the last
+line is one JSON object.
+
+    python bench/prefill.py [--prompt-tokens 2000] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from decode import prompt_ids, time_engine, time_generate
+from sampler_core.engine import get_engine
+
+#: (torch or kernel attention, fixed16 linears) for each way the engine can prefill.
+ENGINE_WAYS = {"torch_attention_blas": (False, False), "kernel_attention_blas": (True, False),
+               "kernel_attention_fixed16": (True, True)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=2000)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    engine = get_engine("")
+    fast = engine._fast
+    if fast is None or fast.packed is None:
+        raise SystemExit("the engine is not on its packed path (no kernel?): nothing to compare")
+    ways = dict(ENGINE_WAYS)
+    if not fast._kernel.prefill_supported():
+        del ways["kernel_attention_fixed16"]  # no AVX-512 VNNI here
+    ids = prompt_ids(engine, args.prompt_tokens)
+    time_engine(engine, ids[:300], 2)  # warm-up
+    ttft: dict[str, list[float]] = {name: [] for name in [*ways, "generate"]}
+    try:
+        for rep in range(args.reps):
+            for name, (kernel_attention, fixed) in ways.items():
+                fast._prefill_attention, fast._prefill_fixed = kernel_attention, fixed
+                ttft[name].append(time_engine(engine, ids, 2)[1])
+            ttft["generate"].append(time_generate(engine, ids, 2)[1])
+            print(f"rep {rep + 1}: " + ", ".join(f"{n} {v[-1]:.0f} ms" for n, v in ttft.items()),
+                  file=sys.stderr, flush=True)
+    finally:
+        fast._prefill_attention, fast._prefill_fixed = ENGINE_WAYS["kernel_attention_blas"]
+    median = {name: statistics.median(values) for name, values in ttft.items()}
+    print(json.dumps({
+        "prompt_tokens": args.prompt_tokens, "reps": args.reps,
+        "ttft_ms": {name: round(value, 1) for name, value in median.items()},
+        "generate_over": {name: round(median["generate"] / value, 3)
+                          for name, value in median.items() if name != "generate"},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
