@@ -130,8 +130,8 @@ class FastLlama:
         self._prefill_attention = (self.packed is not None and self.head_dim % 16 == 0
                                    and self.head_dim <= self._kernel.prefill_attention_max_dim())
         if self.packed is not None:
-            # One layer's float32 weights for long float32 prefills, reused layer after layer (forwards
-            # of one model run one at a time: the engine's step lock).
+            # One layer's float32 weights for long float32 prefills, reused layer after layer
+            # (forwards of one model run one at a time: the engine's step lock).
             self._unpacked = [torch.empty(p.out_features, p.in_features)
                               for p in self.packed.layers[0]]
             # Longer contexts decode through the loop below (packed matmuls, torch attention).

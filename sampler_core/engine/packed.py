@@ -21,7 +21,9 @@ The blocks are stored rearranged (quants of a row together, its float16 scales t
 ``packed_kernel.c``) in a cache file beside the converted model, so the kernel widens a row's
 scales sixteen at a time and rebuilds a Q4_1 block's 32 weights from a 16-entry table with two
 lane permutes. ``decode_step`` runs one whole decode step (every layer, the final norm and the
-output head) in one call.
+output head) in one call. Long prefills take ``prefill_attention.c`` (float32 causal
+attention) and, when asked for with ``PROMPT_IDE_PREFILL=fixed16``, ``prefill_kernel.c``
+(16-bit fixed-point activations on VNNI; not exact).
 
 Nothing here is used when the kernel cannot be built (no compiler, no AVX-512) or the weights
 in the GGUF file do not reproduce the loaded model's bit for bit: the engine then runs float32.
