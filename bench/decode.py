@@ -172,9 +172,11 @@ def long_deviation(engine: Any, eager: Any, windows: list[list[int]], new: int
 def fixed16(engine: Any, on: bool) -> bool:
     """Switch the engine's ``fixed16`` prefill on or off; whether it can run here."""
     fast = engine._fast
-    if fast is None or fast.packed is None or not fast._kernel.prefill_supported():
+    try:
+        fast.set_prefill(kernel_attention=fast.kernel_attention_available,
+                         mode="fixed16" if on else "float32")
+    except (AttributeError, ValueError):  # no lean runner, no packed weights or no VNNI
         return False
-    fast._prefill_fixed = on
     return True
 
 

@@ -20,9 +20,10 @@ import sys
 from decode import prompt_ids, time_engine, time_generate
 from sampler_core.engine import get_engine
 
-#: (torch or kernel attention, fixed16 linears) for each way the engine can prefill.
-ENGINE_WAYS = {"torch_attention_blas": (False, False), "kernel_attention_blas": (True, False),
-               "kernel_attention_fixed16": (True, True)}
+#: (kernel attention, linears' mode) for each way the engine can prefill.
+ENGINE_WAYS = {"torch_attention_blas": (False, "float32"),
+               "kernel_attention_blas": (True, "float32"),
+               "kernel_attention_fixed16": (True, "fixed16")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,14 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     ttft: dict[str, list[float]] = {name: [] for name in [*ways, "generate"]}
     try:
         for rep in range(args.reps):
-            for name, (kernel_attention, fixed) in ways.items():
-                fast._prefill_attention, fast._prefill_fixed = kernel_attention, fixed
+            for name, (kernel_attention, mode) in ways.items():
+                fast.set_prefill(kernel_attention=kernel_attention, mode=mode)
                 ttft[name].append(time_engine(engine, ids, 2)[1])
             ttft["generate"].append(time_generate(engine, ids, 2)[1])
             print(f"rep {rep + 1}: " + ", ".join(f"{n} {v[-1]:.0f} ms" for n, v in ttft.items()),
                   file=sys.stderr, flush=True)
     finally:
-        fast._prefill_attention, fast._prefill_fixed = ENGINE_WAYS["kernel_attention_blas"]
+        kernel_attention, mode = ENGINE_WAYS["kernel_attention_blas"]
+        fast.set_prefill(kernel_attention=kernel_attention, mode=mode)
     median = {name: statistics.median(values) for name, values in ttft.items()}
     print(json.dumps({
         "prompt_tokens": args.prompt_tokens, "reps": args.reps,

@@ -124,12 +124,14 @@ class FastLlama:
             self.packed = None
         #: Whether long prefills multiply packed weights by 16-bit fixed-point activations
         #: on VNNI (``PROMPT_IDE_PREFILL=fixed16``: faster, not exact) instead of float32 BLAS.
-        self._prefill_fixed = (self.packed is not None and self._kernel.prefill_supported()
-                               and packed_kernels.prefill_mode() == "fixed16")
-        #: Prefill attention by the kernel (float32, ~1.3x torch's on a long causal prompt).
-        self._prefill_attention = (self.packed is not None and self.head_dim % 16 == 0
-                                   and self.head_dim <= self._kernel.prefill_attention_max_dim())
+        self._prefill_fixed = False
+        #: Whether prefill attention runs in the kernel (float32, ~1.3x torch's fused one).
+        self._prefill_attention = False
         if self.packed is not None:
+            # fixed16 when asked for and this CPU has VNNI; else the exact float32 prefill.
+            wanted = packed_kernels.prefill_mode()
+            self.set_prefill(kernel_attention=self.kernel_attention_available,
+                             mode=wanted if self._kernel.prefill_supported() else "float32")
             # One layer's float32 weights for long float32 prefills, reused layer after layer
             # (forwards of one model run one at a time: the engine's step lock).
             self._unpacked = [torch.empty(p.out_features, p.in_features)
@@ -141,6 +143,26 @@ class FastLlama:
                 self.packed, norms_in=[layer[0] for layer in self.layers],
                 norms_post=[layer[3] for layer in self.layers], norm_final=self.final_norm,
                 heads=self.num_heads, kv_heads=self.num_kv, head_dim=self.head_dim, eps=self.eps)
+
+    @property
+    def kernel_attention_available(self) -> bool:
+        """Whether prefill attention can run in the kernel (packed weights, a fitting head)."""
+        return (self.packed is not None and self.head_dim % 16 == 0
+                and self.head_dim <= self._kernel.prefill_attention_max_dim())
+
+    def set_prefill(self, *, kernel_attention: bool, mode: str) -> None:
+        """Choose how long prefills run: attention by the kernel or by torch, and the linears'
+        ``mode`` (``packed.PREFILL_MODES``). For benchmarks and tests that compare the ways;
+        the engine picks the default (``PROMPT_IDE_PREFILL``) when it loads."""
+        if mode not in packed_kernels.PREFILL_MODES:
+            raise ValueError(f"mode must be one of {', '.join(packed_kernels.PREFILL_MODES)}, "
+                             f"got {mode!r}")
+        if mode == "fixed16" and (self.packed is None or not self._kernel.prefill_supported()):
+            raise ValueError("mode 'fixed16' needs packed weights and a CPU with AVX-512 VNNI")
+        if kernel_attention and not self.kernel_attention_available:
+            raise ValueError(f"kernel_attention needs packed weights and a head_dim that is a "
+                             f"multiple of 16 up to the kernel's limit, got {self.head_dim}")
+        self._prefill_attention, self._prefill_fixed = kernel_attention, mode == "fixed16"
 
     @property
     def weights(self) -> str:

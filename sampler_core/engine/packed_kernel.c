@@ -244,7 +244,7 @@ void packed_matmul(int kind, const float* x, int M, int K, const uint8_t* q, con
     /* About four chunks a thread, in multiples of 32 rows: long contiguous runs of rows keep
      * the memory streams going (32-row chunks handed out in turn ran 1.5x slower), and a few
      * chunks per thread still let a running thread take over from one that is not. */
-    const int threads = atomic_load(&pool.active) + 1;
+    const int threads = pool_size();
     int rows = (N + 4 * threads - 1) / (4 * threads);
     rows = (rows + CHUNK - 1) / CHUNK * CHUNK;
     const matmul_job job = {kind, M, K, N, rows, x, q, s, y};
