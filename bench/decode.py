@@ -9,9 +9,10 @@ that drift of the machine hits every configuration alike. Also: time to first to
 resident memory (VmHWM) of ``sampler-core serve`` with the default model after one request;
 and the largest deviation of the engine's decode path (packed GGUF weights unless
 ``PROMPT_IDE_WEIGHTS=float32``) from a float32 full forward: greedy tokens and probabilities.
-The opt-in ``fixed16`` prefill (``PROMPT_IDE_PREFILL=fixed16``: 16-bit fixed-point activations
-in long prefills) gets its own 2,000-token time to first token and its deviation on five
-400-token prompts (windows of this repository's README), next to the default path's.
+The opt-in, inexact prefills (``PROMPT_IDE_PREFILL=fixed16``: 16-bit fixed-point activations
+in long prefills; ``fast``: 8-bit activations and bfloat16 attention products) each get their
+own 2,000-token time to first token and their deviation on five 400-token prompts (windows of
+this repository's README), next to the default path's.
 The last line is one JSON object.
 
     python bench/decode.py [--reps 3] [--new-tokens 128] [--prompt-tokens 200] [--long-reps 3]
@@ -169,13 +170,17 @@ def long_deviation(engine: Any, eager: Any, windows: list[list[int]], new: int
             "max_attention_diff": attention}
 
 
-def fixed16(engine: Any, on: bool) -> bool:
-    """Switch the engine's ``fixed16`` prefill on or off; whether it can run here."""
-    fast = engine._fast
+#: The opt-in, inexact prefill modes the bench measures beside the default.
+INEXACT_PREFILLS = ("fixed16", "fast")
+
+
+def use_prefill(engine: Any, mode: str) -> bool:
+    """Switch the engine's prefill to ``mode`` (``packed.PREFILL_MODES``); whether it can run
+    here (a lean runner on packed weights, and the CPU features the mode needs)."""
+    runner = engine._fast
     try:
-        fast.set_prefill(kernel_attention=fast.kernel_attention_available,
-                         mode="fixed16" if on else "float32")
-    except (AttributeError, ValueError):  # no lean runner, no packed weights or no VNNI
+        runner.set_prefill(kernel_attention=runner.kernel_attention_available, mode=mode)
+    except (AttributeError, ValueError):
         return False
     return True
 
@@ -207,29 +212,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rep {rep + 1} {name:<10} {tok_s:6.2f} tok/s  ttft {ttft:7.1f} ms",
                   file=sys.stderr, flush=True)
     long_ids = prompt_ids(engine, args.long_prompt_tokens)
-    long: dict[str, list[float]] = {"engine": [], "fixed16": [], "generate": []}
-    has_fixed16 = fixed16(engine, False)
+    modes = [m for m in INEXACT_PREFILLS if use_prefill(engine, m)]
+    use_prefill(engine, "float32")
+    long: dict[str, list[float]] = {name: [] for name in ["engine", *modes, "generate"]}
     for rep in range(args.long_reps):  # TTFT only: two new tokens each
         long["engine"].append(time_engine(engine, long_ids, 2, top_k=20)[1])
-        if has_fixed16:
-            fixed16(engine, True)
-            long["fixed16"].append(time_engine(engine, long_ids, 2, top_k=20)[1])
-            fixed16(engine, False)
+        for mode in modes:
+            use_prefill(engine, mode)
+            long[mode].append(time_engine(engine, long_ids, 2, top_k=20)[1])
+            use_prefill(engine, "float32")
         long["generate"].append(time_generate(engine, long_ids, 2)[1])
-        print(f"rep {rep + 1} ttft {args.long_prompt_tokens}: engine {long['engine'][-1]:.0f} ms,"
-              f" fixed16 {long['fixed16'][-1] if has_fixed16 else float('nan'):.0f} ms,"
-              f" generate {long['generate'][-1]:.0f} ms", file=sys.stderr, flush=True)
+        print(f"rep {rep + 1} ttft {args.long_prompt_tokens}: "
+              + ", ".join(f"{name} {values[-1]:.0f} ms" for name, values in long.items()),
+              file=sys.stderr, flush=True)
     windows = long_windows(engine)
     eager = AutoModelForCausalLM.from_pretrained(engine.model.name_or_path,
                                                  attn_implementation="eager")
     dev_long = long_deviation(engine, eager, windows, 32)
     print(f"long prompts, default prefill: {dev_long}", file=sys.stderr, flush=True)
-    dev_fixed16 = None
-    if has_fixed16:
-        fixed16(engine, True)
-        dev_fixed16 = long_deviation(engine, eager, windows, 32)
-        fixed16(engine, False)
-        print(f"long prompts, fixed16 prefill: {dev_fixed16}", file=sys.stderr, flush=True)
+    dev_modes: dict[str, Any] = {}
+    for mode in modes:
+        use_prefill(engine, mode)
+        dev_modes[mode] = long_deviation(engine, eager, windows, 32)
+        use_prefill(engine, "float32")
+        print(f"long prompts, {mode} prefill: {dev_modes[mode]}", file=sys.stderr, flush=True)
+    median = {name: statistics.median(values) for name, values in long.items()}
     dev = deviation(engine, args.new_tokens)
     print(f"deviation from float32: {dev}", file=sys.stderr, flush=True)
     server_rss = server_peak_rss_mb()
@@ -244,21 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_topk": round(tok_s["topk"] / tok_s["generate"], 3),
         "ratio_topk_attn": round(tok_s["topk_attn"] / tok_s["generate"], 3),
         "ttft_ms": ttft,
-        "ttft_2000_ms": round(statistics.median(long["engine"]), 1),
-        "generate_ttft_2000_ms": round(statistics.median(long["generate"]), 1),
-        "ratio_ttft_2000": round(statistics.median(long["generate"])
-                                 / statistics.median(long["engine"]), 3),
-        "ttft_2000_fixed16_ms": (round(statistics.median(long["fixed16"]), 1)
-                                 if has_fixed16 else None),
-        "ratio_ttft_2000_fixed16": (round(statistics.median(long["generate"])
-                                          / statistics.median(long["fixed16"]), 3)
-                                    if has_fixed16 else None),
+        "ttft_2000_ms": round(median["engine"], 1),
+        "generate_ttft_2000_ms": round(median["generate"], 1),
+        "ratio_ttft_2000": round(median["generate"] / median["engine"], 3),
+        **{f"ttft_2000_{mode}_ms": round(median[mode], 1) for mode in modes},
+        **{f"ratio_ttft_2000_{mode}": round(median["generate"] / median[mode], 3)
+           for mode in modes},
         "server_peak_rss_mb": round(server_rss, 1),
         "weights": engine._fast.weights if engine._fast is not None else "transformers",
         "device": str(engine.device),
         "deviation_from_float32": dev,
         "deviation_long_prompts": dev_long,
-        "deviation_long_prompts_fixed16": dev_fixed16,
+        **{f"deviation_long_prompts_{mode}": dev for mode, dev in dev_modes.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,

@@ -23,7 +23,8 @@ from sampler_core.engine import get_engine
 #: (kernel attention, linears' mode) for each way the engine can prefill.
 ENGINE_WAYS = {"torch_attention_blas": (False, "float32"),
                "kernel_attention_blas": (True, "float32"),
-               "kernel_attention_fixed16": (True, "fixed16")}
+               "kernel_attention_fixed16": (True, "fixed16"),
+               "fast": (True, "fast")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,26 +34,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     engine = get_engine("")
-    fast = engine._fast
-    if fast is None or fast.packed is None:
+    runner = engine._fast
+    if runner is None or runner.packed is None:
         raise SystemExit("the engine is not on its packed path (no kernel?): nothing to compare")
     ways = dict(ENGINE_WAYS)
-    if not fast._kernel.prefill_supported():
+    if not runner._kernel.prefill_supported():
         del ways["kernel_attention_fixed16"]  # no AVX-512 VNNI here
+    if not (runner._kernel.prefill_supported() and runner._kernel.prefill_attention_bf16_supported()):
+        del ways["fast"]
     ids = prompt_ids(engine, args.prompt_tokens)
     time_engine(engine, ids[:300], 2)  # warm-up
     ttft: dict[str, list[float]] = {name: [] for name in [*ways, "generate"]}
     try:
         for rep in range(args.reps):
             for name, (kernel_attention, mode) in ways.items():
-                fast.set_prefill(kernel_attention=kernel_attention, mode=mode)
+                runner.set_prefill(kernel_attention=kernel_attention, mode=mode)
                 ttft[name].append(time_engine(engine, ids, 2)[1])
             ttft["generate"].append(time_generate(engine, ids, 2)[1])
             print(f"rep {rep + 1}: " + ", ".join(f"{n} {v[-1]:.0f} ms" for n, v in ttft.items()),
                   file=sys.stderr, flush=True)
     finally:
         kernel_attention, mode = ENGINE_WAYS["kernel_attention_blas"]
-        fast.set_prefill(kernel_attention=kernel_attention, mode=mode)
+        runner.set_prefill(kernel_attention=kernel_attention, mode=mode)
     median = {name: statistics.median(values) for name, values in ttft.items()}
     print(json.dumps({
         "prompt_tokens": args.prompt_tokens, "reps": args.reps,

@@ -14,8 +14,9 @@ With packed weights (``packed.py``: a GGUF model's own Q4_1/Q8_0 blocks, bit for
 float32 weights) a decode step is one C call for the whole model (per layer: norm, q/k/v,
 rotary, cache write, attention with its weights, MLP; then the final norm and the output head)
 reading 97 MB instead of 538; short prefills use the packed matmul, long ones BLAS on one
-layer's weights rebuilt at a time (or, opted into with ``PROMPT_IDE_PREFILL=fixed16``, 16-bit
-fixed-point activations on VNNI: ~1.6x faster, not exact), and prefill attention is a float32
+layer's weights rebuilt at a time (or, opted into with ``PROMPT_IDE_PREFILL=fixed16`` or
+``fast``, 16- or 8-bit fixed-point activations on VNNI, and for ``fast`` bfloat16 attention
+products: faster, not exact), and prefill attention is a float32
 C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The model's float32 layer
 weights are then never read by the engine (nor fused), so they stay unloaded pages of the
 mapped safetensors file: the server's resident memory drops rather than grows.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -39,6 +41,8 @@ from sampler_core.engine.packed import PackedLinear, PackedLlama
 #: Up to this many new positions a forward reads the packed weights; a longer prefill is
 #: compute-bound and runs through BLAS on float32 weights rebuilt from the blocks per layer.
 PACKED_MAX_STEPS = 32
+#: The activations' bits in each fixed-point prefill mode.
+FIXED_BITS = {"fixed16": 16, "fast": 8}
 
 
 @dataclass
@@ -122,16 +126,19 @@ class FastLlama:
         self._kernel = packed_kernels.kernel() if packed is not None else None
         if self._kernel is None:
             self.packed = None
-        #: Whether long prefills multiply packed weights by 16-bit fixed-point activations
-        #: on VNNI (``PROMPT_IDE_PREFILL=fixed16``: faster, not exact) instead of float32 BLAS.
-        self._prefill_fixed = False
+        #: How long prefills run (``packed.PREFILL_MODES``): exact float32, or faster and
+        #: inexact when asked for (``PROMPT_IDE_PREFILL=fixed16`` or ``fast``).
+        self.prefill_mode = "float32"
         #: Whether prefill attention runs in the kernel (float32, ~1.3x torch's fused one).
         self._prefill_attention = False
         if self.packed is not None:
-            # fixed16 when asked for and this CPU has VNNI; else the exact float32 prefill.
-            wanted = packed_kernels.prefill_mode()
-            self.set_prefill(kernel_attention=self.kernel_attention_available,
-                             mode=wanted if self._kernel.prefill_supported() else "float32")
+            # An inexact mode when asked for and this CPU runs it; else exact float32.
+            try:
+                self.set_prefill(kernel_attention=self.kernel_attention_available,
+                                 mode=packed_kernels.prefill_mode())
+            except ValueError:
+                self.set_prefill(kernel_attention=self.kernel_attention_available,
+                                 mode="float32")
             # One layer's float32 weights for long float32 prefills, reused layer after layer
             # (forwards of one model run one at a time: the engine's step lock).
             self._unpacked = [torch.empty(p.out_features, p.in_features)
@@ -157,12 +164,15 @@ class FastLlama:
         if mode not in packed_kernels.PREFILL_MODES:
             raise ValueError(f"mode must be one of {', '.join(packed_kernels.PREFILL_MODES)}, "
                              f"got {mode!r}")
-        if mode == "fixed16" and (self.packed is None or not self._kernel.prefill_supported()):
-            raise ValueError("mode 'fixed16' needs packed weights and a CPU with AVX-512 VNNI")
+        if mode != "float32" and (self.packed is None or not self._kernel.prefill_supported()):
+            raise ValueError(f"mode {mode!r} needs packed weights and a CPU with AVX-512 VNNI")
+        if mode == "fast" and not (kernel_attention
+                                   and self._kernel.prefill_attention_bf16_supported()):
+            raise ValueError("mode 'fast' needs kernel_attention and a CPU with AVX-512 BF16")
         if kernel_attention and not self.kernel_attention_available:
             raise ValueError(f"kernel_attention needs packed weights and a head_dim that is a "
                              f"multiple of 16 up to the kernel's limit, got {self.head_dim}")
-        self._prefill_attention, self._prefill_fixed = kernel_attention, mode == "fixed16"
+        self._prefill_attention, self.prefill_mode = kernel_attention, mode
 
     @property
     def weights(self) -> str:
@@ -222,7 +232,8 @@ class FastLlama:
                 # or, when asked for, 16-bit fixed-point activations on VNNI.
                 w_qkv, w_o, w_gate_up, w_down = (
                     parts if steps <= PACKED_MAX_STEPS
-                    else [p.prefill for p in parts] if self._prefill_fixed
+                    else [partial(p.prefill, bits=FIXED_BITS[self.prefill_mode]) for p in parts]
+                    if self.prefill_mode in FIXED_BITS
                     else [p.unpack(out) for p, out in zip(parts, self._unpacked)])
             # Attention block.
             qkv = _linear(self._norm(x, w_in), w_qkv)
@@ -269,11 +280,11 @@ class FastLlama:
         end = start + steps
         out = torch.empty(steps, self.q_size)
         scratch = torch.empty(self._kernel.prefill_attention_scratch_floats(
-            self.num_kv, self.head_dim, end))
+            self.num_heads, self.num_kv, self.head_dim, start, steps))
         self._kernel.prefill_attention(
             q.data_ptr(), cache.keys[layer].data_ptr(), cache.values[layer].data_ptr(),
             cache.keys.shape[2], self.num_heads, self.num_kv, self.head_dim, start, steps,
-            self.scale, out.data_ptr(), scratch.data_ptr())
+            self.scale, out.data_ptr(), scratch.data_ptr(), self.prefill_mode == "fast")
         return out
 
     def _attention_sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -52,10 +52,11 @@ BLOCK = 32
 #: The packed linears of one layer, in order.
 LAYER_PARTS = ("qkv", "o", "gate_up", "down")
 WEIGHT_MODES = ("packed", "float32")
-#: How a long prefill multiplies packed weights: ``float32`` BLAS on weights rebuilt a layer
-#: at a time (exact), or ``fixed16`` activations on VNNI (``prefill_kernel.c``: ~1.6x faster,
-#: not exact, so only when asked for by name).
-PREFILL_MODES = ("float32", "fixed16")
+#: How a long prefill runs: ``float32`` (exact: BLAS on weights rebuilt a layer at a time,
+#: float32 attention); ``fixed16`` (activations in 16-bit fixed point on VNNI,
+#: ``prefill_kernel.c``); ``fast`` (8-bit activations and bfloat16 attention products). The
+#: last two are not exact, so they run only when asked for by name.
+PREFILL_MODES = ("float32", "fixed16", "fast")
 #: The kernel's rotary step works on heads up to this size (a buffer on its stack).
 MAX_HEAD_DIM = 512
 
@@ -132,16 +133,18 @@ def kernel() -> Any:
             lib.packed_max_in_features.restype = ctypes.c_int
             lib.decode_max_context.restype = ctypes.c_int
             lib.prefill_supported.restype = ctypes.c_int
-            lib.prefill_scratch_bytes.argtypes = [ctypes.c_int] * 3
+            lib.prefill_scratch_bytes.argtypes = [ctypes.c_int] * 4
             lib.prefill_scratch_bytes.restype = ctypes.c_size_t
             lib.prefill_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                           ctypes.c_void_p, ctypes.c_void_p]
+                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             lib.prefill_matmul.restype = None
             lib.prefill_attention.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
-                                              + [ctypes.c_float] + [ctypes.c_void_p] * 2)
+                                              + [ctypes.c_float] + [ctypes.c_void_p] * 2
+                                              + [ctypes.c_int])
             lib.prefill_attention.restype = None
-            lib.prefill_attention_scratch_floats.argtypes = [ctypes.c_int] * 3
+            lib.prefill_attention_bf16_supported.restype = ctypes.c_int
+            lib.prefill_attention_scratch_floats.argtypes = [ctypes.c_int] * 5
             lib.prefill_attention_scratch_floats.restype = ctypes.c_size_t
             lib.prefill_attention_max_dim.restype = ctypes.c_int
             lib.pool_threads.argtypes = [ctypes.c_int]
@@ -187,20 +190,24 @@ class PackedLinear:
                            y.data_ptr())
         return y
 
-    def prefill(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ w.T`` with ``x`` rounded to 16-bit fixed point per block of 32
-        (``prefill_kernel.c``): ~1.6x BLAS's float32 rate on a long prefill, outputs within
-        ~1e-4 of the largest. Q4_1 only; the ``fixed16`` prefill mode."""
+    def prefill(self, x: torch.Tensor, bits: int = 16) -> torch.Tensor:
+        """``x @ w.T`` with ``x`` rounded to ``bits`` (16 or 8) bit fixed point per block of 32
+        (``prefill_kernel.c``; the ``fixed16`` and ``fast`` prefill modes), Q4_1 only.
+        16 bits: ~1.6x BLAS's float32 rate on a long prefill, outputs within ~1e-4 of the
+        largest; 8 bits: faster still, within ~1e-2."""
         if self.kind != 0:
             raise ValueError(f"the fixed-point prefill takes Q4_1 weights, not kind {self.kind}")
+        if bits not in (16, 8):
+            raise ValueError(f"bits must be 16 or 8, got {bits!r}")
         x = x.contiguous()
         rows = x.shape[0]
         y = torch.empty(rows, self.out_features)
-        scratch = torch.empty(_lib.prefill_scratch_bytes(rows, self.in_features, self.out_features),
+        scratch = torch.empty(_lib.prefill_scratch_bytes(rows, self.in_features,
+                                                         self.out_features, bits),
                               dtype=torch.uint8)
         _lib.prefill_matmul(x.data_ptr(), rows, self.in_features, self.quants.data_ptr(),
                             self.scales.data_ptr(), self.out_features, y.data_ptr(),
-                            scratch.data_ptr())
+                            scratch.data_ptr(), bits)
         return y
 
     def unpack(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -441,11 +448,14 @@ def weights_mode() -> str:
 
 
 def prefill_mode() -> str:
-    """``$PROMPT_IDE_PREFILL``: ``float32`` (default, exact arithmetic) or ``fixed16``.
+    """``$PROMPT_IDE_PREFILL``: ``float32`` (default, exact arithmetic), ``fixed16`` or ``fast``.
 
-    ``fixed16`` rounds the activations of long prefills (over ``PACKED_MAX_STEPS`` positions)
-    to 16-bit fixed point per block of 32: the linears run ~1.6x faster, probabilities move
-    by up to ~5e-4 and attention weights by up to ~6e-4 (``bench/decode.py`` measures it).
+    Both others change how prompts over ``PACKED_MAX_STEPS`` positions are computed, and so
+    the answers; ``bench/decode.py`` prints how much. ``fixed16`` rounds activations to 16-bit
+    fixed point per block of 32 (linears ~1.6x faster; on 400-token prompts probabilities
+    moved by up to ~4e-4, attention weights ~1e-3). ``fast`` rounds them to 8 bits and runs
+    attention's products in bfloat16, like llama.cpp's Q8 activations (time to first token
+    about half of float32's; larger deviations).
     """
     mode = os.environ.get("PROMPT_IDE_PREFILL", "float32").strip().lower() or "float32"
     if mode not in PREFILL_MODES:

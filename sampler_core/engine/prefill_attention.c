@@ -10,13 +10,17 @@
  * summed by one thread in a fixed order: results do not depend on the number of threads.
  *
  * The arithmetic is float32 throughout: only the order of the sums (and exp16's last bit)
- * differ from the reference's softmax(q k^T * scale) v.
+ * differ from the reference's softmax(q k^T * scale) v. The opt-in ``fast`` prefill instead
+ * rounds queries, keys, values and the exponentials to bfloat16 and multiplies them in pairs
+ * (VDPBF16PS: twice the products of an FMA), accumulating in float32; not exact.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
 #include "kernel_common.h"
+
+#define BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,fma")))
 
 enum { QUERY_BLOCK = 32, KEY_STEP = 64, Q_ROWS = 4, MAX_DIM = 256 };
 
@@ -25,16 +29,33 @@ typedef struct {
     const float* keys;   /* [kv_heads, capacity, dim] */
     const float* values; /* [kv_heads, capacity, dim] */
     float* kt;           /* [kv_heads, key steps, dim, KEY_STEP]: the keys transposed by step */
+    /* bfloat16 (when ``bf16``), pairs of neighbours side by side for VDPBF16PS: */
+    uint16_t* kt16;      /* [kv_heads, key steps, dim / 2, KEY_STEP, 2]: (k[d], k[d + 1]) */
+    uint16_t* vt16;      /* [kv_heads, key steps, KEY_STEP / 2, dim, 2]: (v[t][x], v[t + 1][x]) */
+    uint16_t* q16;       /* [heads, steps, dim] */
     float* out;          /* [steps, heads * dim] */
-    int capacity, start, steps, context, heads, group, dim, query_blocks;
+    int capacity, start, steps, context, heads, group, dim, query_blocks, bf16;
     float scale;
 } prefill_attention_job;
 
+/* float32 to bfloat16, rounding to nearest even (as VCVTNEPS2BF16 does for numbers). */
+static inline uint16_t to_bf16(float x) {
+    union { float f; uint32_t u; } v = {x};
+    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
+
 static inline int key_steps(int context) { return (context + KEY_STEP - 1) / KEY_STEP; }
 
-/* Floats of scratch prefill_attention needs. */
-size_t prefill_attention_scratch_floats(int kv_heads, int dim, int context) {
-    return (size_t)kv_heads * key_steps(context) * dim * KEY_STEP;
+/* Floats of scratch prefill_attention needs (either way). */
+size_t prefill_attention_scratch_floats(int heads, int kv_heads, int dim, int start, int steps) {
+    return (size_t)kv_heads * key_steps(start + steps) * dim * KEY_STEP
+           + ((size_t)heads * steps * dim + 1) / 2;
+}
+
+/* Whether this CPU runs the bfloat16 variant (AVX-512 BF16). */
+int prefill_attention_bf16_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
 }
 
 /* The largest head this kernel takes (a stack buffer holds four output rows). */
@@ -47,6 +68,20 @@ static void transpose_keys(const void* job, int c) {
     const int kv = c / key_steps(j->context), step = c % key_steps(j->context);
     const float* k = j->keys + (size_t)kv * j->capacity * j->dim;
     float* kt = j->kt + (size_t)kv * key_steps(j->context) * j->dim * KEY_STEP;
+    if (j->bf16) {
+        uint16_t* block = j->kt16 + ((size_t)kv * key_steps(j->context) + step) * j->dim * KEY_STEP;
+        uint16_t* values = j->vt16 + ((size_t)kv * key_steps(j->context) + step) * j->dim * KEY_STEP;
+        const float* v = j->values + (size_t)kv * j->capacity * j->dim;
+        for (int t = 0; t < KEY_STEP; t++) {
+            const int key = step * KEY_STEP + t;
+            for (int d = 0; d < j->dim; d++) {
+                const int inside = key < j->context;
+                block[((d / 2) * KEY_STEP + t) * 2 + d % 2] = inside ? to_bf16(k[(size_t)key * j->dim + d]) : 0;
+                values[((t / 2) * j->dim + d) * 2 + t % 2] = inside ? to_bf16(v[(size_t)key * j->dim + d]) : 0;
+            }
+        }
+        return;
+    }
     {
         float* block = kt + (size_t)step * j->dim * KEY_STEP;
         for (int t = 0; t < KEY_STEP; t++) {
@@ -57,14 +92,27 @@ static void transpose_keys(const void* job, int c) {
     }
 }
 
-/* R query positions (i0 .. i0 + R - 1 of the prompt) of head h; R is a constant where inlined. */
-static inline __attribute__((always_inline)) void query_rows(
-    const prefill_attention_job* j, int h, int i0, const int R) {
+/* Chunk h: head h's queries in bfloat16. */
+static void convert_queries(const void* job, int h) {
+    const prefill_attention_job* j = job;
+    const size_t n = (size_t)j->steps * j->dim, at = (size_t)h * n;
+    for (size_t i = 0; i < n; i++) j->q16[at + i] = to_bf16(j->q[at + i]);
+}
+
+/* R query positions (i0 .. i0 + R - 1 of the prompt) of head h, in float32 or (USE_BF16)
+ * bfloat16 products; R and USE_BF16 are constants where inlined. */
+BF16 static inline __attribute__((always_inline)) void query_rows(
+    const prefill_attention_job* j, int h, int i0, const int R, const int USE_BF16) {
     const int dim = j->dim, kv = h / j->group, vectors = dim / 16;
     const float* kt = j->kt + (size_t)kv * key_steps(j->context) * dim * KEY_STEP;
     const float* v = j->values + (size_t)kv * j->capacity * dim;
     const float* q = j->q + ((size_t)h * j->steps + i0) * dim;
+    const size_t step_size = (size_t)dim * KEY_STEP; /* elements of one step of kt16 or vt16 */
+    const uint16_t* kt16 = j->kt16 + (size_t)kv * key_steps(j->context) * step_size;
+    const uint16_t* vt16 = j->vt16 + (size_t)kv * key_steps(j->context) * step_size;
+    const uint16_t* q16 = j->q16 + ((size_t)h * j->steps + i0) * dim;
     float o[Q_ROWS][MAX_DIM], p[Q_ROWS][KEY_STEP], top[Q_ROWS], total[Q_ROWS];
+    uint16_t p16[Q_ROWS][KEY_STEP]; /* p in bfloat16, for USE_BF16 */
     for (int r = 0; r < R; r++) {
         top[r] = -INFINITY;
         total[r] = 0.0f;
@@ -76,15 +124,28 @@ static inline __attribute__((always_inline)) void query_rows(
         __m512 s[Q_ROWS][KEY_STEP / 16];
         for (int r = 0; r < R; r++)
             for (int c = 0; c < KEY_STEP / 16; c++) s[r][c] = _mm512_setzero_ps();
-        for (int d = 0; d < dim; d++) {
-            const float* row = kt + ((size_t)k0 * dim + d * KEY_STEP);
-            __m512 keys[KEY_STEP / 16];
-            for (int c = 0; c < KEY_STEP / 16; c++) keys[c] = _mm512_loadu_ps(row + 16 * c);
-            for (int r = 0; r < R; r++) {
-                const __m512 qd = _mm512_set1_ps(q[(size_t)r * dim + d]);
-                for (int c = 0; c < KEY_STEP / 16; c++) s[r][c] = _mm512_fmadd_ps(qd, keys[c], s[r][c]);
+        if (USE_BF16) /* a pair of dimensions a product, lanes along keys */
+            for (int d = 0; d < dim; d += 2) {
+                const uint16_t* row = kt16 + (size_t)(k0 / KEY_STEP) * step_size + d * KEY_STEP;
+                __m512bh keys[KEY_STEP / 16];
+                for (int c = 0; c < KEY_STEP / 16; c++)
+                    keys[c] = (__m512bh)_mm512_loadu_si512(row + 32 * c);
+                for (int r = 0; r < R; r++) {
+                    const __m512bh qd = (__m512bh)_mm512_set1_epi32(
+                        *(const int32_t*)(q16 + (size_t)r * dim + d));
+                    for (int c = 0; c < KEY_STEP / 16; c++) s[r][c] = _mm512_dpbf16_ps(s[r][c], qd, keys[c]);
+                }
             }
-        }
+        else
+            for (int d = 0; d < dim; d++) {
+                const float* row = kt + ((size_t)k0 * dim + d * KEY_STEP);
+                __m512 keys[KEY_STEP / 16];
+                for (int c = 0; c < KEY_STEP / 16; c++) keys[c] = _mm512_loadu_ps(row + 16 * c);
+                for (int r = 0; r < R; r++) {
+                    const __m512 qd = _mm512_set1_ps(q[(size_t)r * dim + d]);
+                    for (int c = 0; c < KEY_STEP / 16; c++) s[r][c] = _mm512_fmadd_ps(qd, keys[c], s[r][c]);
+                }
+            }
         /* Mask keys past each row's position; update its maximum, sum and output scale. */
         for (int r = 0; r < R; r++) {
             const int sees = j->start + i0 + r + 1; /* keys 0 .. sees - 1 */
@@ -101,6 +162,9 @@ static inline __attribute__((always_inline)) void query_rows(
             }
             if (step_top == -INFINITY) { /* nothing to see in this step (a later row's keys) */
                 for (int c = 0; c < KEY_STEP / 16; c++) _mm512_storeu_ps(p[r] + 16 * c, _mm512_setzero_ps());
+                if (USE_BF16)
+                    for (int c = 0; c < KEY_STEP / 16; c++)
+                        _mm256_storeu_si256((__m256i*)(p16[r] + 16 * c), _mm256_setzero_si256());
                 continue;
             }
             const float new_top = step_top > top[r] ? step_top : top[r];
@@ -110,6 +174,7 @@ static inline __attribute__((always_inline)) void query_rows(
                 const __m512 e = _mm512_maskz_mov_ps(valid[c], exp16(_mm512_sub_ps(s[r][c], _mm512_set1_ps(new_top))));
                 sum = _mm512_add_ps(sum, e);
                 _mm512_storeu_ps(p[r] + 16 * c, e);
+                if (USE_BF16) _mm256_storeu_si256((__m256i*)(p16[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(e));
             }
             total[r] = total[r] * rescale + _mm512_reduce_add_ps(sum);
             top[r] = new_top;
@@ -124,6 +189,20 @@ static inline __attribute__((always_inline)) void query_rows(
             for (int r = 0; r < R; r++)
                 for (int x = 0; x < 4; x++)
                     acc[r][x] = x < n ? _mm512_loadu_ps(o[r] + 16 * (x0 + x)) : _mm512_setzero_ps();
+            if (USE_BF16) /* a pair of keys a product, lanes along dimensions */
+                for (int t = k0; t < k1; t += 2) {
+                    const uint16_t* vt = vt16 + (size_t)(k0 / KEY_STEP) * step_size
+                                         + ((size_t)(t - k0) / 2 * dim + 16 * x0) * 2;
+                    __m512bh value[4];
+                    for (int x = 0; x < 4; x++)
+                        value[x] = (__m512bh)(x < n ? _mm512_loadu_si512(vt + 32 * x) : _mm512_setzero_si512());
+                    for (int r = 0; r < R; r++) {
+                        const __m512bh weight = (__m512bh)_mm512_set1_epi32(
+                            *(const int32_t*)(p16[r] + (t - k0)));
+                        for (int x = 0; x < 4; x++) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], weight, value[x]);
+                    }
+                }
+            else
             for (int t = k0; t < k1; t++) {
                 const float* vt = v + (size_t)t * dim + 16 * x0;
                 __m512 value[4];
@@ -147,29 +226,38 @@ static inline __attribute__((always_inline)) void query_rows(
 }
 
 /* Chunk c: one head's block of QUERY_BLOCK positions, the longest (latest) blocks first. */
-static void query_block(const void* job, int c) {
+BF16 static void query_block(const void* job, int c) {
     const prefill_attention_job* j = job;
     const int h = c % j->heads, block = j->query_blocks - 1 - c / j->heads;
     const int i1 = (block + 1) * QUERY_BLOCK < j->steps ? (block + 1) * QUERY_BLOCK : j->steps;
     for (int i = block * QUERY_BLOCK; i < i1; i += Q_ROWS)
-        switch (i1 - i < Q_ROWS ? i1 - i : Q_ROWS) {
-            case 1: query_rows(j, h, i, 1); break;
-            case 2: query_rows(j, h, i, 2); break;
-            case 3: query_rows(j, h, i, 3); break;
-            default: query_rows(j, h, i, 4); break;
+        switch ((i1 - i < Q_ROWS ? i1 - i : Q_ROWS) + 8 * j->bf16) {
+            case 1: query_rows(j, h, i, 1, 0); break;
+            case 2: query_rows(j, h, i, 2, 0); break;
+            case 3: query_rows(j, h, i, 3, 0); break;
+            case 4: query_rows(j, h, i, 4, 0); break;
+            case 9: query_rows(j, h, i, 1, 1); break;
+            case 10: query_rows(j, h, i, 2, 1); break;
+            case 11: query_rows(j, h, i, 3, 1); break;
+            default: query_rows(j, h, i, 4, 1); break;
         }
 }
 
 /* out[t, h * dim ...] = softmax(q[h, t] . keys[0 .. start + t] * scale) . values, for the
  * ``steps`` new positions start .. start + steps - 1 whose keys and values are already in the
- * cache. dim must be a multiple of 16 and at most MAX_DIM; ``scratch`` holds
- * prefill_attention_scratch_floats(kv_heads, dim, start + steps) floats. */
+ * cache; products in bfloat16 when ``bf16`` (see above). dim must be a multiple of 16 and at
+ * most MAX_DIM; ``scratch`` holds prefill_attention_scratch_floats(...) floats. */
 void prefill_attention(const float* q, const float* keys, const float* values, int capacity,
                        int heads, int kv_heads, int dim, int start, int steps, float scale,
-                       float* out, float* scratch) {
+                       float* out, float* scratch, int bf16) {
     const int context = start + steps, query_blocks = (steps + QUERY_BLOCK - 1) / QUERY_BLOCK;
-    const prefill_attention_job job = {q, keys, values, scratch, out, capacity, start, steps,
-                                       context, heads, heads / kv_heads, dim, query_blocks, scale};
+    uint16_t* kt16 = (uint16_t*)scratch;
+    uint16_t* vt16 = kt16 + (size_t)kv_heads * key_steps(context) * dim * KEY_STEP;
+    uint16_t* q16 = vt16 + (size_t)kv_heads * key_steps(context) * dim * KEY_STEP;
+    const prefill_attention_job job = {q, keys, values, scratch, kt16, vt16, q16, out, capacity,
+                                       start, steps, context, heads, heads / kv_heads, dim,
+                                       query_blocks, bf16 != 0, scale};
     parallel(transpose_keys, &job, kv_heads * key_steps(context));
+    if (bf16) parallel(convert_queries, &job, heads);
     parallel(query_block, &job, heads * query_blocks);
 }

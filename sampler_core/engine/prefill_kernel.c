@@ -31,9 +31,7 @@
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
 
-enum { PANEL = 16, BLOCK_VECTORS = 16 };
-/* Bytes of one (panel, block): 16 vectors of int16 pairs, then d[16] and m[16]. */
-enum { PANEL_BLOCK_BYTES = BLOCK_VECTORS * 64 + 2 * PANEL * 4 };
+enum { PANEL = 16 };
 /* Rows a kernel call keeps in registers. */
 enum { ROWS = 4 };
 
@@ -44,40 +42,54 @@ int prefill_supported(void) {
            && __builtin_cpu_supports("avx512vnni");
 }
 
-static size_t panels_bytes(int N, int K) {
-    return (size_t)((N + PANEL - 1) / PANEL) * (K / 32) * PANEL_BLOCK_BYTES;
+/* Vectors of weights per (panel, block): 32 weights of 16 rows as int16 pairs or u8 quads. */
+static inline int block_vectors(int bits) { return bits == 16 ? 16 : 8; }
+/* Bytes of one (panel, block): the weight vectors, then d[16] and m[16]. */
+static inline int panel_block_bytes(int bits) { return block_vectors(bits) * 64 + 2 * PANEL * 4; }
+
+static size_t panels_bytes(int N, int K, int bits) {
+    return (size_t)((N + PANEL - 1) / PANEL) * (K / 32) * panel_block_bytes(bits);
 }
 
 /* Bytes of scratch prefill_matmul needs. */
-size_t prefill_scratch_bytes(int M, int K, int N) {
-    return panels_bytes(N, K) + (size_t)M * K * 2 + (size_t)M * (K / 32) * 2 * 4 + 64;
+size_t prefill_scratch_bytes(int M, int K, int N, int bits) {
+    return panels_bytes(N, K, bits) + (size_t)M * K * (bits / 8) + (size_t)M * (K / 32) * 2 * 4
+           + 64;
 }
 
-/* ----- activations: 16-bit fixed point per block of 32 ---------------------------------- */
+/* ----- activations: fixed point per block of 32 ------------------------------------------ */
 
 typedef struct {
     const float* x;
-    int M, K, rows_per_chunk;
-    int16_t* a;
+    int M, K, rows_per_chunk, bits;
+    void* a;
     float *s, *sums;
 } quantize_job;
 
 VNNI static void quantize_chunk(const void* job, int c) {
     const quantize_job* j = job;
     const int blocks = j->K / 32;
+    const float largest = j->bits == 16 ? 32767.0f : 127.0f;
     const int r1 = (c + 1) * j->rows_per_chunk < j->M ? (c + 1) * j->rows_per_chunk : j->M;
     for (int r = c * j->rows_per_chunk; r < r1; r++)
         for (int b = 0; b < blocks; b++) {
             const size_t at = (size_t)r * j->K + b * 32;
             const __m512 x0 = _mm512_loadu_ps(j->x + at), x1 = _mm512_loadu_ps(j->x + at + 16);
             const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-            const __m512 inv = _mm512_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
-            /* |x * inv| <= 32767 (+ a rounding), so the conversion cannot leave int16's range. */
-            _mm256_storeu_si256((__m256i*)(j->a + at),
-                                _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(x0, inv))));
-            _mm256_storeu_si256((__m256i*)(j->a + at + 16),
-                                _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(x1, inv))));
-            j->s[(size_t)r * blocks + b] = top / 32767.0f;
+            const __m512 inv = _mm512_set1_ps(top > 0.0f ? largest / top : 0.0f);
+            /* |x * inv| <= largest (+ a rounding), so the conversion stays in range. */
+            const __m512i a0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv));
+            const __m512i a1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+            if (j->bits == 16) {
+                int16_t* a = (int16_t*)j->a + at;
+                _mm256_storeu_si256((__m256i*)a, _mm512_cvtsepi32_epi16(a0));
+                _mm256_storeu_si256((__m256i*)(a + 16), _mm512_cvtsepi32_epi16(a1));
+            } else {
+                int8_t* a = (int8_t*)j->a + at;
+                _mm_storeu_si128((__m128i*)a, _mm512_cvtsepi32_epi8(a0));
+                _mm_storeu_si128((__m128i*)(a + 16), _mm512_cvtsepi32_epi8(a1));
+            }
+            j->s[(size_t)r * blocks + b] = top / largest;
             j->sums[(size_t)r * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
         }
 }
@@ -87,22 +99,22 @@ VNNI static void quantize_chunk(const void* job, int c) {
 typedef struct {
     const uint8_t* q;
     const uint16_t* s;
-    int N, K;
+    int N, K, bits;
     uint8_t* panels;
 } panels_job;
 
 VNNI static void panels_chunk(const void* job, int p) {
     const panels_job* j = job;
-    const int blocks = j->K / 32;
+    const int blocks = j->K / 32, vectors = block_vectors(j->bits);
     for (int b = 0; b < blocks; b++) {
-        uint8_t* out = j->panels + ((size_t)p * blocks + b) * PANEL_BLOCK_BYTES;
-        uint32_t* pairs = (uint32_t*)out;            /* [J][lane] */
-        float* d = (float*)(out + BLOCK_VECTORS * 64);
+        uint8_t* out = j->panels + ((size_t)p * blocks + b) * panel_block_bytes(j->bits);
+        uint32_t* words = (uint32_t*)out; /* [J][lane]: a pair or a quad of weights */
+        float* d = (float*)(out + vectors * 64);
         float* m = d + PANEL;
         for (int i = 0; i < PANEL; i++) {
             const int n = p * PANEL + i;
             if (n >= j->N) { /* padding rows: zero weights, so zero outputs (not stored) */
-                for (int J = 0; J < BLOCK_VECTORS; J++) pairs[J * PANEL + i] = 0;
+                for (int J = 0; J < vectors; J++) words[J * PANEL + i] = 0;
                 d[i] = m[i] = 0.0f;
                 continue;
             }
@@ -110,10 +122,15 @@ VNNI static void panels_chunk(const void* job, int p) {
             const __m128i bytes = _mm_loadu_si128((const __m128i*)(j->q + (size_t)n * (j->K / 2) + b * 16));
             const __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
             const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
-            uint32_t row[BLOCK_VECTORS]; /* weights 0..31 as int16, two a word */
-            _mm256_storeu_si256((__m256i*)row, _mm256_cvtepu8_epi16(low));
-            _mm256_storeu_si256((__m256i*)(row + 8), _mm256_cvtepu8_epi16(high));
-            for (int J = 0; J < BLOCK_VECTORS; J++) pairs[J * PANEL + i] = row[J];
+            uint32_t row[16]; /* weights 0..31 in order, as int16 or as bytes */
+            if (j->bits == 16) {
+                _mm256_storeu_si256((__m256i*)row, _mm256_cvtepu8_epi16(low));
+                _mm256_storeu_si256((__m256i*)(row + 8), _mm256_cvtepu8_epi16(high));
+            } else {
+                _mm_storeu_si128((__m128i*)row, low);
+                _mm_storeu_si128((__m128i*)(row + 4), high);
+            }
+            for (int J = 0; J < vectors; J++) words[J * PANEL + i] = row[J];
             const uint16_t* scales = j->s + (size_t)n * (j->K / 16) + 2 * b;
             d[i] = _cvtsh_ss(scales[0]);
             m[i] = _cvtsh_ss(scales[1]);
@@ -123,36 +140,42 @@ VNNI static void panels_chunk(const void* job, int p) {
 
 /* ----- the product ------------------------------------------------------------------------- */
 
-/* acc + pairwise products of w's int16 lanes with the int16 pair at ``pair`` (all lanes).
- * The pair is broadcast inside the instruction ({1to16}): GCC emits a separate broadcast for
- * _mm512_set1_epi32, one more instruction per product vector. */
-VNNI static inline __attribute__((always_inline)) __m512i dot_pairs(__m512i acc, __m512i w,
-                                                                    const int32_t* pair) {
-    __asm__("vpdpwssd %1%{1to16%}, %2, %0" : "+v"(acc) : "m"(*pair), "v"(w));
+/* acc + the products of w's lanes with the activations at ``word`` (one 32-bit word, the
+ * same for all lanes), summed a lane at a time: int16 pairs (VPDPWSSD) or u8 weights times
+ * int8 quads (VPDPBUSD). The word is broadcast inside the instruction ({1to16}): GCC emits a
+ * separate broadcast for _mm512_set1_epi32, one more instruction per product vector. */
+VNNI static inline __attribute__((always_inline)) __m512i dot_word(__m512i acc, __m512i w,
+                                                                   const int32_t* word,
+                                                                   const int BITS) {
+    if (BITS == 16)
+        __asm__("vpdpwssd %1%{1to16%}, %2, %0" : "+v"(acc) : "m"(*word), "v"(w));
+    else
+        __asm__("vpdpbusd %1%{1to16%}, %2, %0" : "+v"(acc) : "m"(*word), "v"(w));
     return acc;
 }
 
-/* y[r, 0:cols] for R rows of activations against one panel. R is a constant where inlined,
- * so the accumulators stay in registers. */
+/* y[r, 0:cols] for R rows of BITS-bit activations against one panel. R and BITS are constants
+ * where inlined, so the accumulators stay in registers. */
 VNNI static inline __attribute__((always_inline)) void panel_rows(
-    const int16_t* a, const float* s, const float* sums, const int R, int K,
+    const void* a, const float* s, const float* sums, const int R, const int BITS, int K,
     const uint8_t* panel, float* y, int ldy, int cols) {
-    const int blocks = K / 32;
+    const int blocks = K / 32, vectors = block_vectors(BITS), bytes = panel_block_bytes(BITS);
     __m512 f[ROWS];
     for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
     for (int b = 0; b < blocks; b++) {
-        const __m512i* w = (const __m512i*)(panel + (size_t)b * PANEL_BLOCK_BYTES);
+        const __m512i* w = (const __m512i*)(panel + (size_t)b * bytes);
         __m512i even[ROWS], odd[ROWS]; /* two chains a row: more products in flight */
         for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_si512();
-        for (int J = 0; J < BLOCK_VECTORS; J += 2) {
+        for (int J = 0; J < vectors; J += 2) {
             const __m512i w0 = _mm512_loadu_si512(w + J), w1 = _mm512_loadu_si512(w + J + 1);
             for (int r = 0; r < R; r++) {
-                const int32_t* ar = (const int32_t*)(a + (size_t)r * K + b * 32);
-                even[r] = dot_pairs(even[r], w0, ar + J);
-                odd[r] = dot_pairs(odd[r], w1, ar + J + 1);
+                const int32_t* ar = (const int32_t*)((const uint8_t*)a
+                                                     + ((size_t)r * K + b * 32) * (BITS / 8));
+                even[r] = dot_word(even[r], w0, ar + J, BITS);
+                odd[r] = dot_word(odd[r], w1, ar + J + 1, BITS);
             }
         }
-        const float* dm = (const float*)(w + BLOCK_VECTORS);
+        const float* dm = (const float*)(w + vectors);
         const __m512 d = _mm512_loadu_ps(dm), m = _mm512_loadu_ps(dm + PANEL);
         for (int r = 0; r < R; r++) {
             const __m512 qa = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
@@ -164,19 +187,24 @@ VNNI static inline __attribute__((always_inline)) void panel_rows(
     for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)r * ldy, keep, f[r]);
 }
 
-#define ROWS_CASE(R) \
-    case R: panel_rows(a, s, sums, R, K, panel, y, ldy, cols); break;
+#define ROWS_CASE(BITS, R) \
+    case BITS * 8 + R: panel_rows(a, s, sums, R, BITS, K, panel, y, ldy, cols); break;
 
-/* panel_rows with R (1..4) made a constant. */
-VNNI static void panel_rows_any(const int16_t* a, const float* s, const float* sums, int rows,
-                                int K, const uint8_t* panel, float* y, int ldy, int cols) {
-    switch (rows) { ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) default: break; }
+/* panel_rows with R (1..4) and BITS (16 or 8) made constants. */
+VNNI static void panel_rows_any(const void* a, const float* s, const float* sums, int rows,
+                                int bits, int K, const uint8_t* panel, float* y, int ldy,
+                                int cols) {
+    switch (bits * 8 + rows) {
+        ROWS_CASE(16, 1) ROWS_CASE(16, 2) ROWS_CASE(16, 3) ROWS_CASE(16, 4)
+        ROWS_CASE(8, 1) ROWS_CASE(8, 2) ROWS_CASE(8, 3) ROWS_CASE(8, 4)
+        default: break;
+    }
 }
 
 typedef struct {
-    const int16_t* a;
+    const uint8_t* a;
     const float *s, *sums;
-    int M, K, N, rows_per_chunk;
+    int M, K, N, rows_per_chunk, bits;
     const uint8_t* panels;
     float* y;
 } product_job;
@@ -189,33 +217,33 @@ VNNI static void product_chunk(const void* job, int c) {
     const int r0 = c * j->rows_per_chunk;
     const int r1 = r0 + j->rows_per_chunk < j->M ? r0 + j->rows_per_chunk : j->M;
     for (int p = 0; p < panels; p++) {
-        const uint8_t* panel = j->panels + (size_t)p * blocks * PANEL_BLOCK_BYTES;
+        const uint8_t* panel = j->panels + (size_t)p * blocks * panel_block_bytes(j->bits);
         const int cols = j->N - p * PANEL < PANEL ? j->N - p * PANEL : PANEL;
         for (int r = r0; r < r1; r += ROWS)
-            panel_rows_any(j->a + (size_t)r * j->K, j->s + (size_t)r * blocks,
-                           j->sums + (size_t)r * blocks, r1 - r < ROWS ? r1 - r : ROWS, j->K,
-                           panel, j->y + (size_t)r * j->N + p * PANEL, j->N, cols);
+            panel_rows_any(j->a + (size_t)r * j->K * (j->bits / 8), j->s + (size_t)r * blocks,
+                           j->sums + (size_t)r * blocks, r1 - r < ROWS ? r1 - r : ROWS, j->bits,
+                           j->K, panel, j->y + (size_t)r * j->N + p * PANEL, j->N, cols);
     }
 }
 
 /* y[M, N] ~= x[M, K] @ W[N, K]^T for Q4_1 W (quants q, scales s as packed_kernel.c lays them
- * out), x rounded to 16-bit fixed point per block of 32 as above. ``scratch`` holds
- * prefill_scratch_bytes(M, K, N) bytes. K must be a multiple of 32. */
+ * out), x rounded to ``bits`` (16 or 8) bit fixed point per block of 32 as above. ``scratch``
+ * holds prefill_scratch_bytes(M, K, N, bits) bytes. K must be a multiple of 32. */
 void prefill_matmul(const float* x, int M, int K, const uint8_t* q, const uint16_t* s, int N,
-                    float* y, void* scratch) {
+                    float* y, void* scratch, int bits) {
     const int blocks = K / 32, threads = pool_size();
     uint8_t* panels = (uint8_t*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    int16_t* a = (int16_t*)(panels + panels_bytes(N, K));
-    float* scale = (float*)(a + (size_t)M * K);
+    uint8_t* a = panels + panels_bytes(N, K, bits);
+    float* scale = (float*)(a + (size_t)M * K * (bits / 8));
     float* sums = scale + (size_t)M * blocks;
 
-    const panels_job weights = {q, s, N, K, panels};
+    const panels_job weights = {q, s, N, K, bits, panels};
     parallel(panels_chunk, &weights, (N + PANEL - 1) / PANEL);
     int rows = (M + 4 * threads - 1) / (4 * threads);
-    const quantize_job activations = {x, M, K, rows, a, scale, sums};
+    const quantize_job activations = {x, M, K, rows, bits, a, scale, sums};
     parallel(quantize_chunk, &activations, (M + rows - 1) / rows);
     /* About four chunks a thread, whole multiples of ROWS rows. */
     rows = (rows + ROWS - 1) / ROWS * ROWS;
-    const product_job product = {a, scale, sums, M, K, N, rows, panels, y};
+    const product_job product = {a, scale, sums, M, K, N, rows, bits, panels, y};
     parallel(product_chunk, &product, (M + rows - 1) / rows);
 }
