@@ -223,55 +223,93 @@ class FastLlama:
                 if attention else None)
         if steps == 1 and self.packed is not None and end <= self._decode_max_context:
             return self._decode_packed(x, cache, rows), rows
-        cos, sin = (t.unsqueeze(0) for t in self._rotary(start, end))  # [1, T, head_dim]
+        cos, sin = self._rotary(start, end)  # [T, head_dim]
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
             if self.packed is not None:
                 parts = self.packed.layers[index]
                 # Few positions: the kernel reads the blocks. Many: compute-bound, so BLAS on
                 # this layer's weights rebuilt in float32 (bit for bit the same), then dropped;
-                # or, when asked for, 16-bit fixed-point activations on VNNI.
+                # or, when asked for, fixed-point activations on VNNI.
                 w_qkv, w_o, w_gate_up, w_down = (
                     parts if steps <= PACKED_MAX_STEPS
                     else [partial(p.prefill, bits=FIXED_BITS[self.prefill_mode]) for p in parts]
                     if self.prefill_mode in FIXED_BITS
                     else [p.unpack(out) for p, out in zip(parts, self._unpacked)])
-            # Attention block.
+            # Attention block: q/k/v, rotary, cache write, attention (and the last row's weights).
             qkv = _linear(self._norm(x, w_in), w_qkv)
-            q = qkv[:, :self.q_size].view(steps, self.num_heads, self.head_dim).transpose(0, 1)
-            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(
-                steps, self.num_kv, self.head_dim).transpose(0, 1)
-            v = qkv[:, self.q_size + self.kv_size:].view(
-                steps, self.num_kv, self.head_dim).transpose(0, 1)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            cache.keys[index, :, start:end] = k
-            cache.values[index, :, start:end] = v
-            keys, values = cache.keys[index, :, :end], cache.values[index, :, :end]
-            if steps == 1:
-                # One query: grouped heads share their kv head; weights come out on the way.
-                grouped = q.reshape(self.num_kv, self.group, self.head_dim)
-                weights = torch.softmax(grouped @ keys.transpose(1, 2) * self.scale, dim=-1)
-                out = (weights @ values).reshape(1, self.q_size)
-                if rows is not None:
-                    rows[index] = weights.reshape(self.num_heads, end)
+            if steps > 1 and self._prefill_attention:
+                q = self._split_heads_kernel(qkv, cache, index, start, cos, sin)
+                out = self._attention_kernel(q, cache, index, start, steps)
             else:
-                if self._prefill_attention:
-                    out = self._attention_kernel(q.contiguous(), cache, index, start, steps)
-                else:
-                    out = self._attention_sdpa(q, keys, values, start, steps)
-                if rows is not None:
-                    # Only the last query's row: it sees every key, so no mask.
-                    last = q[:, -1:].reshape(self.num_kv, self.group, self.head_dim)
-                    rows[index] = torch.softmax(last @ keys.transpose(1, 2) * self.scale,
-                                                dim=-1).reshape(self.num_heads, end)
+                q = self._split_heads(qkv, cache, index, start, cos, sin)
+                out = self._attention(q, cache, index, start, rows)
+            if rows is not None and steps > 1:
+                # Only the last query's row: it sees every key, so no mask.
+                last = q[:, -1:].reshape(self.num_kv, self.group, self.head_dim)
+                rows[index] = torch.softmax(last @ cache.keys[index, :, :end].transpose(1, 2)
+                                            * self.scale, dim=-1).reshape(self.num_heads, end)
             x = x + _linear(out, w_o)
             # MLP block.
-            gate, up = _linear(self._norm(x, w_post), w_gate_up).split(self.intermediate, -1)
-            x = x + _linear(F.silu(gate) * up, w_down)
+            gate_up = _linear(self._norm(x, w_post), w_gate_up)
+            x = x + _linear(self._silu_times(gate_up), w_down)
         cache.length = end
         hidden = self._norm(x if all_logits else x[-1:], self.final_norm)
         head = (self.packed.lm_head if self.packed is not None and hidden.shape[0] <= PACKED_MAX_STEPS
                 else self.lm_head)
         return _linear(hidden, head), rows
+
+    def _split_heads(self, qkv: torch.Tensor, cache: KVCache, layer: int, start: int,
+                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries ``[head, T, head_dim]``, rotated; the rotated keys and the values go into the
+        cache at ``start``. cos and sin: ``[T, head_dim]``."""
+        steps = qkv.shape[0]
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # broadcast over heads
+        q = qkv[:, :self.q_size].view(steps, self.num_heads, self.head_dim).transpose(0, 1)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(
+            steps, self.num_kv, self.head_dim).transpose(0, 1)
+        v = qkv[:, self.q_size + self.kv_size:].view(
+            steps, self.num_kv, self.head_dim).transpose(0, 1)
+        cache.keys[layer, :, start:start + steps] = self._rope(k, cos, sin)
+        cache.values[layer, :, start:start + steps] = v
+        return self._rope(q, cos, sin)
+
+    def _split_heads_kernel(self, qkv: torch.Tensor, cache: KVCache, layer: int, start: int,
+                            cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The same in one C pass (``prefill_ops.c``); the queries come out contiguous, as the
+        attention kernel reads them."""
+        steps = qkv.shape[0]
+        q = torch.empty(self.num_heads, steps, self.head_dim)
+        self._kernel.prefill_split_heads(
+            qkv.contiguous().data_ptr(), steps, self.num_heads, self.num_kv, self.head_dim,
+            cos.data_ptr(), sin.data_ptr(), q.data_ptr(), cache.keys[layer].data_ptr(),
+            cache.values[layer].data_ptr(), cache.keys.shape[2], start)
+        return q
+
+    def _attention(self, q: torch.Tensor, cache: KVCache, layer: int, start: int,
+                   rows: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the new queries by torch, ``[T, heads * head_dim]``; a single query's
+        weights go into ``rows`` on the way."""
+        steps = q.shape[1]
+        end = start + steps
+        keys, values = cache.keys[layer, :, :end], cache.values[layer, :, :end]
+        if steps > 1:
+            return self._attention_sdpa(q, keys, values, start, steps)
+        # One query: grouped heads share their kv head; weights come out on the way.
+        grouped = q.reshape(self.num_kv, self.group, self.head_dim)
+        weights = torch.softmax(grouped @ keys.transpose(1, 2) * self.scale, dim=-1)
+        if rows is not None:
+            rows[layer] = weights.reshape(self.num_heads, end)
+        return (weights @ values).reshape(1, self.q_size)
+
+    def _silu_times(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up for rows of ``[gate | up]``: in C with the kernel, else torch."""
+        if self._kernel is None:
+            gate, up = gate_up.split(self.intermediate, -1)
+            return F.silu(gate) * up
+        act = torch.empty(gate_up.shape[0], self.intermediate)
+        self._kernel.prefill_silu_times(gate_up.contiguous().data_ptr(), gate_up.shape[0],
+                                        self.intermediate, act.data_ptr())
+        return act
 
     def _attention_kernel(self, q: torch.Tensor, cache: KVCache, layer: int, start: int,
                           steps: int) -> torch.Tensor:

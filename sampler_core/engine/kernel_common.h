@@ -12,6 +12,12 @@ void parallel(chunk_fn fn, const void* job, int chunks);
 /* Threads taking part in a job: the caller and the active workers. */
 int pool_size(void);
 
+/* x * cos + rotate_half(x) * sin over one head of ``dim`` (at most 512), in place. */
+void rope(float* x, const float* cos, const float* sin, int dim);
+
+/* act[i] = silu(gate[i]) * up[i] for i < n. */
+void silu_times(const float* gate, const float* up, int n, float* act);
+
 /* exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial (within
  * about 1 ulp of expf), times 2^n by scalef (which also takes care of overflow and underflow).
  * glibc's expf, one call per value, was the largest cost of attention and SiLU here. */

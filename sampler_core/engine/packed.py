@@ -63,7 +63,7 @@ MAX_HEAD_DIM = 512
 #: The kernel's sources, compiled together into one library.
 _SOURCES = tuple(Path(__file__).with_name(name)
                  for name in ("kernel_common.h", "packed_kernel.c", "prefill_kernel.c",
-                              "prefill_attention.c"))
+                              "prefill_attention.c", "prefill_ops.c"))
 
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mf16c", "-mfma", "-pthread", "-shared", "-fPIC"]
 
@@ -147,6 +147,12 @@ def kernel() -> Any:
             lib.prefill_attention_scratch_floats.argtypes = [ctypes.c_int] * 5
             lib.prefill_attention_scratch_floats.restype = ctypes.c_size_t
             lib.prefill_attention_max_dim.restype = ctypes.c_int
+            lib.prefill_split_heads.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4
+                                                + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2)
+            lib.prefill_split_heads.restype = None
+            lib.prefill_silu_times.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                               ctypes.c_void_p]
+            lib.prefill_silu_times.restype = None
             lib.pool_threads.argtypes = [ctypes.c_int]
             lib.pool_threads(torch.get_num_threads())
             _lib = lib

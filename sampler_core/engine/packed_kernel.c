@@ -299,7 +299,7 @@ static inline float dot(const float* a, const float* b, int n) {
 }
 
 /* x * cos + rotate_half(x) * sin over one head. */
-static void rope(float* x, const float* cos, const float* sin, int dim) {
+void rope(float* x, const float* cos, const float* sin, int dim) {
     const int half = dim / 2;
     float rotated[512]; /* packed.py hands over heads of at most MAX_HEAD_DIM = 512 */
     for (int i = 0; i < half; i++) {
@@ -310,7 +310,7 @@ static void rope(float* x, const float* cos, const float* sin, int dim) {
 }
 
 /* act[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up, as transformers computes it. */
-static void silu_times(const float* gate, const float* up, int n, float* act) {
+void silu_times(const float* gate, const float* up, int n, float* act) {
     for (int i = 0; i < n; i += 16) {
         const __mmask16 m = lanes_before(i, n);
         const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
