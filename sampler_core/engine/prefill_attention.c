@@ -4,9 +4,9 @@
  * 2,000-position prefill (the non-causal one runs faster per product). Here each chunk takes
  * 32 query positions of one head; four positions at a time it walks the keys up to the last
  * one they may see, 64 keys a step: scores by 16-lane FMAs against keys transposed once per
- * call (so lanes run along keys, 64 at a time), masked past each position's own, then the running maximum,
- * the exponentials and the running sum, and the exponential-weighted values added into the
- * output. Chunks are claimed longest first, so the threads finish together. Each output is
+ * call (so lanes run along keys, 64 at a time), masked past each position's own, then the
+ * running maximum, the exponentials and the running sum, and the exponential-weighted values
+ * added into the output. Chunks are claimed longest first, so the threads finish together. Each output is
  * summed by one thread in a fixed order: results do not depend on the number of threads.
  *
  * The arithmetic is float32 throughout: only the order of the sums (and exp16's last bit)
@@ -62,22 +62,24 @@ int prefill_attention_bf16_supported(void) {
 int prefill_attention_max_dim(void) { return MAX_DIM; }
 
 /* Chunk c: step c % steps of 64 keys of kv head c / steps, as [dim, 64] (zeros past the
- * context): a step's scores then read one contiguous run (strided rows thrashed L1). */
+ * context): a step's scores then read one contiguous run (strided rows thrashed L1). With
+ * bf16, the keys as [dim / 2, 64, 2] and the step's values as [32, dim, 2] instead. */
 static void transpose_keys(const void* job, int c) {
     const prefill_attention_job* j = job;
     const int kv = c / key_steps(j->context), step = c % key_steps(j->context);
     const float* k = j->keys + (size_t)kv * j->capacity * j->dim;
     float* kt = j->kt + (size_t)kv * key_steps(j->context) * j->dim * KEY_STEP;
     if (j->bf16) {
-        uint16_t* block = j->kt16 + ((size_t)kv * key_steps(j->context) + step) * j->dim * KEY_STEP;
-        uint16_t* values = j->vt16 + ((size_t)kv * key_steps(j->context) + step) * j->dim * KEY_STEP;
+        const size_t at = ((size_t)kv * key_steps(j->context) + step) * j->dim * KEY_STEP;
+        uint16_t *block = j->kt16 + at, *values = j->vt16 + at;
         const float* v = j->values + (size_t)kv * j->capacity * j->dim;
         for (int t = 0; t < KEY_STEP; t++) {
             const int key = step * KEY_STEP + t;
             for (int d = 0; d < j->dim; d++) {
                 const int inside = key < j->context;
-                block[((d / 2) * KEY_STEP + t) * 2 + d % 2] = inside ? to_bf16(k[(size_t)key * j->dim + d]) : 0;
-                values[((t / 2) * j->dim + d) * 2 + t % 2] = inside ? to_bf16(v[(size_t)key * j->dim + d]) : 0;
+                const size_t from = (size_t)key * j->dim + d;
+                block[((d / 2) * KEY_STEP + t) * 2 + d % 2] = inside ? to_bf16(k[from]) : 0;
+                values[((t / 2) * j->dim + d) * 2 + t % 2] = inside ? to_bf16(v[from]) : 0;
             }
         }
         return;
