@@ -13,9 +13,13 @@ The opt-in, inexact prefills (``PROMPT_IDE_PREFILL=fixed16``: 16-bit fixed-point
 in long prefills; ``fast``: 8-bit activations and bfloat16 attention products) each get their
 own 2,000-token time to first token and their deviation on five 400-token prompts (windows of
 this repository's README), next to the default path's.
+On a GPU (``--device``, default ``auto``) the reference for the deviations is the float32
+model on the CPU; decode also runs with the kernels launched one by one instead of replayed
+from a CUDA graph (``plain_launched``), and the GPU's peak memory is reported.
 The last line is one JSON object.
 
     python bench/decode.py [--reps 3] [--new-tokens 128] [--prompt-tokens 200] [--long-reps 3]
+                           [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def time_generate(engine: Any, ids: list[int], new: int) -> tuple[float, float]:
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = engine.model.generate(torch.tensor([ids]), do_sample=True, temperature=1.0,
+        out = engine.model.generate(torch.tensor([ids], device=engine.device), do_sample=True, temperature=1.0,
                                     top_p=0.95, top_k=0, max_new_tokens=new, min_new_tokens=new,
                                     output_scores=True, return_dict_in_generate=True,
                                     streamer=clock, pad_token_id=engine.eos_id)
@@ -97,9 +101,9 @@ def time_generate(engine: Any, ids: list[int], new: int) -> tuple[float, float]:
     return (new - 1) / (clock.stamps[-1] - clock.stamps[0]), (clock.stamps[0] - start) * 1000
 
 
-def server_peak_rss_mb() -> float:
+def server_peak_rss_mb(device: str) -> float:
     """VmHWM of ``sampler-core serve`` (default model) after one 16-token request with attention."""
-    with running_server() as (proc, host):
+    with running_server("--device", device) as (proc, host):
 
         async def one_request() -> int:
             client = Client(api_host=host)
@@ -120,8 +124,9 @@ PROMPTS = ("The three primary colours are", "def fibonacci(n):",
            "Once upon a time in a small village,", "The capital of France is", "Water boils at")
 
 
-def deviation(engine: Any, new: int) -> dict[str, Any]:
-    """The engine's greedy run against a float32 full forward over the same tokens."""
+def deviation(engine: Any, reference: Any, new: int) -> dict[str, Any]:
+    """The engine's greedy run against a float32 full forward of ``reference`` (a CPU model)
+    over the same tokens."""
     worst, same = 0.0, 0
     for text in PROMPTS:
         ids = engine.encode(text)
@@ -129,7 +134,7 @@ def deviation(engine: Any, new: int) -> dict[str, Any]:
         tokens = [e for e in engine.start([TokenIdsPart(tuple(ids))], s) if isinstance(e, Token)]
         got = [t.token_id for t in tokens]
         with torch.inference_mode():
-            logits = engine.model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
+            logits = reference(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
         probs = torch.softmax(logits, dim=-1)
         same += got == logits.argmax(-1).tolist()
         worst = max(worst, max(abs(t.raw_prob - float(probs[n, t.token_id]))
@@ -185,6 +190,15 @@ def use_prefill(engine: Any, mode: str) -> bool:
     return True
 
 
+def launched(engine: Any, measure: Callable[[], tuple[float, float]]) -> tuple[float, float]:
+    """``measure`` with decode steps launching their kernels one by one (no CUDA graph)."""
+    engine._fast.cuda_graphs = False
+    try:
+        return measure()
+    finally:
+        engine._fast.cuda_graphs = True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -192,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--long-prompt-tokens", type=int, default=2000)
     parser.add_argument("--long-reps", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
     args = parser.parse_args(argv)
 
-    engine = get_engine("")
+    engine = get_engine("", device=args.device)
+    on_gpu = engine.device.type == "cuda"
     ids = prompt_ids(engine, args.prompt_tokens)
     configs: dict[str, Callable[[], tuple[float, float]]] = {
         "plain": lambda: time_engine(engine, ids, args.new_tokens, top_k=0),
@@ -203,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                                          return_attention=True),
         "generate": lambda: time_generate(engine, ids, args.new_tokens),
     }
+    if on_gpu and engine._fast is not None and engine._fast.cuda_graphs:
+        configs["plain_launched"] = lambda: launched(
+            engine, lambda: time_engine(engine, ids, args.new_tokens, top_k=0))
     time_engine(engine, ids, 8, top_k=20, return_attention=True)  # warm-up
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
     for rep in range(args.reps):
@@ -227,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     windows = long_windows(engine)
     eager = AutoModelForCausalLM.from_pretrained(engine.model.name_or_path,
-                                                 attn_implementation="eager")
+                                                 attn_implementation="eager")  # on the CPU
     dev_long = long_deviation(engine, eager, windows, 32)
     print(f"long prompts, default prefill: {dev_long}", file=sys.stderr, flush=True)
     dev_modes: dict[str, Any] = {}
@@ -237,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         use_prefill(engine, "float32")
         print(f"long prompts, {mode} prefill: {dev_modes[mode]}", file=sys.stderr, flush=True)
     median = {name: statistics.median(values) for name, values in long.items()}
-    dev = deviation(engine, args.new_tokens)
+    dev = deviation(engine, engine.model if engine.device.type == "cpu" else eager,
+                    args.new_tokens)
     print(f"deviation from float32: {dev}", file=sys.stderr, flush=True)
-    server_rss = server_peak_rss_mb()
+    server_rss = server_peak_rss_mb(str(engine.device))
     tok_s = {n: statistics.median(r[0] for r in rs) for n, rs in results.items()}
     ttft = {n: round(statistics.median(r[1] for r in rs), 1) for n, rs in results.items()}
     report = {
@@ -257,7 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         **{f"ttft_2000_{mode}_ms": round(median[mode], 1) for mode in modes},
         **{f"ratio_ttft_2000_{mode}": round(median["generate"] / median[mode], 3)
            for mode in modes},
+        **({"plain_launched_tok_s": round(tok_s["plain_launched"], 2),
+            "graphs_speedup_plain": round(tok_s["plain"] / tok_s["plain_launched"], 3)}
+           if "plain_launched" in tok_s else {}),
         "server_peak_rss_mb": round(server_rss, 1),
+        **({"gpu_name": torch.cuda.get_device_name(engine.device),
+            "gpu_peak_mb": round(torch.cuda.max_memory_allocated(engine.device) / 2**20, 1)}
+           if on_gpu else {}),
         "weights": engine._fast.weights if engine._fast is not None else "transformers",
         "device": str(engine.device),
         "deviation_from_float32": dev,

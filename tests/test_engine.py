@@ -36,7 +36,7 @@ def test_greedy_equals_argmax_of_a_full_forward(engine) -> None:
     tokens, summary = run(engine, max_len=12, temperature=0.0, stop_at_eos=False)
     prompt = engine.encode(PROMPT)
     with torch.inference_mode():
-        logits = engine.model(torch.tensor([prompt + ids(tokens)])).logits[0]
+        logits = engine.model(torch.tensor([prompt + ids(tokens)], device=engine.device)).logits[0]
     expected = logits[len(prompt) - 1: -1].argmax(-1).tolist()
     assert ids(tokens) == expected
     assert all(t.prob == 1.0 and t.rank == 1 for t in tokens)
@@ -166,7 +166,8 @@ def test_prompt_scoring_returns_teacher_forced_probabilities(engine) -> None:
     assert [t.token_id for t in user] == prompt and summary.num_prompt_tokens == len(prompt)
     assert user[0].prob == 0.0 and user[0].raw_prob is None
     with torch.inference_mode():
-        probs = torch.softmax(engine.model(torch.tensor([prompt])).logits[0], -1)
+        probs = torch.softmax(engine.model(torch.tensor([prompt], device=engine.device)).logits[0],
+                              -1).cpu()
     for position in range(1, len(prompt)):
         expected = float(probs[position - 1, prompt[position]])
         assert math.isclose(user[position].raw_prob, expected, rel_tol=1e-4)

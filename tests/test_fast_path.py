@@ -31,12 +31,14 @@ PROMPTS = (
 
 @pytest.fixture(scope="module")
 def fast(engine):
-    """The engine, which must be running its packed decode path."""
-    from sampler_core.engine import packed
+    """The CPU engine (the default one, or a second one on a machine with a GPU), which must
+    be running its packed decode path."""
+    from sampler_core.engine import get_engine, packed
 
     need(packed.kernel() is not None, f"packed-weight kernel unavailable: {packed.kernel_error()}")
-    assert engine._fast is not None and engine._fast.weights == "packed"
-    return engine
+    cpu = engine if engine.device.type == "cpu" else get_engine("", device="cpu")
+    assert cpu._fast is not None and cpu._fast.weights == "packed"
+    return cpu
 
 
 def tokens_of(engine, ids, **settings) -> list[Token]:
@@ -325,3 +327,19 @@ def test_fast_prefill_stays_near_the_reference_and_is_deterministic(fast) -> Non
         assert tokens_of(fast, ids, **settings) == tokens_of(fast, ids, **settings)
     finally:
         runner.set_prefill(kernel_attention=True, mode="float32")
+
+
+def test_every_kernel_source_ships_with_the_package() -> None:
+    """The kernel builds from these files at run time, so an installed (not editable) package
+    must carry each of them: pyproject's package-data has to match every one."""
+    import fnmatch
+    import tomllib
+
+    from sampler_core.engine import packed
+
+    root = Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["sampler_core"]
+    for source in packed._SOURCES:
+        relative = source.relative_to(root / "sampler_core").as_posix()
+        assert any(fnmatch.fnmatch(relative, g) for g in globs), relative

@@ -5,7 +5,9 @@ or else ``$PROMPT_IDE_DEVICE``; ``auto`` (the default) takes the first CUDA devi
 and the CPU otherwise. ``cpu`` forces the CPU, and with it the packed-weight decode path
 (``packed.py``), which is a CPU kernel; on a GPU the model runs in float32 through the lean
 runner's torch path (``fast_llama.py``), and the step loop's vocabulary math takes the logits
-back to the CPU (a 49k-float copy per token), where the seeded generator lives.
+back to the CPU (a 49k-float copy per token), where the seeded generator lives. There, each
+run's decode steps replay one captured CUDA graph (``graphed_decode.py``) unless
+``$PROMPT_IDE_CUDA_GRAPHS`` is ``0``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from sampler_core.errors import InvalidSettings
 
 DEVICE_ENV = "PROMPT_IDE_DEVICE"
 _ALLOWED = "auto, cpu, cuda or cuda:N"
+CUDA_GRAPHS_ENV = "PROMPT_IDE_CUDA_GRAPHS"
+_SWITCH = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
 def choose_device(requested: str | None = None) -> torch.device:
@@ -43,3 +47,13 @@ def choose_device(requested: str | None = None) -> torch.device:
             f"{source} is {value!r} but torch sees {torch.cuda.device_count()} CUDA device(s) "
             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})", field=source, value=value)
     return torch.device(value)
+
+
+def cuda_graphs_enabled() -> bool:
+    """Whether decode steps on a GPU replay a captured CUDA graph: ``$PROMPT_IDE_CUDA_GRAPHS``,
+    1 (the default) or 0 (launch every kernel from Python, for comparison)."""
+    value = os.environ.get(CUDA_GRAPHS_ENV, "").strip().lower() or "1"
+    if value not in _SWITCH:
+        raise InvalidSettings(f"{CUDA_GRAPHS_ENV} must be 1 or 0, got {value!r}",
+                              field=CUDA_GRAPHS_ENV, value=value)
+    return _SWITCH[value]

@@ -21,6 +21,9 @@ C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The model's float32
 weights are then never read by the engine (nor fused), so they stay unloaded pages of the
 mapped safetensors file: the server's resident memory drops rather than grows.
 
+On a GPU the weights are the float32 tensors and each run's decode steps replay one captured
+CUDA graph (``graphed_decode.py``): a single launch instead of ~1,000 kernel launches a token.
+
 Only LlamaForCausalLM-shaped models (Llama, SmolLM2, Mistral without sliding window) use it;
 others take the transformers path.
 """
@@ -28,7 +31,7 @@ others take the transformers path.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -36,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from sampler_core.engine import packed as packed_kernels
+from sampler_core.engine.devices import cuda_graphs_enabled
+from sampler_core.engine.graphed_decode import StaticDecode
 from sampler_core.engine.packed import PackedLinear, PackedLlama
 
 #: Up to this many new positions a forward reads the packed weights; a longer prefill is
@@ -52,6 +57,8 @@ class KVCache:
     keys: torch.Tensor
     values: torch.Tensor
     length: int = 0
+    #: On a GPU, this run's captured decode steps, keyed by whether they record attention.
+    graphs: dict[bool, StaticDecode] = field(default_factory=dict)
 
 
 def _fuse(module: Any, names: tuple[str, ...]) -> torch.Tensor:
@@ -122,6 +129,9 @@ class FastLlama:
             ))
         self.intermediate = config.intermediate_size
         self._cos = self._sin = torch.empty(0, self.head_dim)
+        #: Whether decode steps replay a captured CUDA graph (on a GPU, unless
+        #: ``$PROMPT_IDE_CUDA_GRAPHS=0``); the bench switches it to compare.
+        self.cuda_graphs = self.embed.device.type == "cuda" and cuda_graphs_enabled()
         #: The compiled kernel (looked up once: ``kernel()`` takes a lock), or None.
         self._kernel = packed_kernels.kernel() if packed is not None else None
         if self._kernel is None:
@@ -183,7 +193,9 @@ class FastLlama:
         """An empty cache for up to ``capacity`` positions."""
         shape = (self.num_layers, self.num_kv, capacity, self.head_dim)
         device = self.embed.device  # the cache follows the model's device
-        return KVCache(torch.empty(shape, device=device), torch.empty(shape, device=device))
+        # Zeroed on a GPU: a graphed step attends over the whole capacity (graphed_decode.py).
+        make = torch.zeros if device.type == "cuda" else torch.empty
+        return KVCache(make(shape, device=device), make(shape, device=device))
 
     def _rotary(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[end - start, head_dim]`` from a table grown as positions are reached.
@@ -216,6 +228,8 @@ class FastLlama:
         Returns logits (``[T, vocab]`` or ``[1, vocab]``) and, when asked, the attention of the
         last position: ``[layer, head, context]``.
         """
+        if self.cuda_graphs and inputs_embeds is None and input_ids.shape[0] == 1:
+            return self._decode_graphed(input_ids, cache, attention)
         x = self.embed[input_ids] if inputs_embeds is None else inputs_embeds.float()
         steps, start = x.shape[0], cache.length
         end = start + steps
@@ -361,6 +375,20 @@ class FastLlama:
                         logits.data_ptr())
         cache.length = start + 1
         return logits
+
+    def _decode_graphed(self, input_ids: torch.Tensor, cache: KVCache, attention: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One new position by replaying this run's captured CUDA graph (captured on its first
+        decode step); returns copies, as the next replay overwrites the graph's outputs."""
+        start, capacity = cache.length, cache.keys.shape[2]
+        if start >= capacity:
+            raise ValueError(f"the KV cache holds {capacity} positions; position {start} is past it")
+        static = cache.graphs.get(attention)
+        if static is None:
+            static = cache.graphs[attention] = StaticDecode(self, cache, attention)
+        logits, rows = static.run(input_ids, start)
+        cache.length = start + 1
+        return logits.clone(), None if rows is None else rows.clone()
 
     @staticmethod
     def _prefix_mask(start: int, steps: int, device: torch.device) -> torch.Tensor:
