@@ -37,7 +37,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         max_len=args.max_len, temperature=args.temperature, nucleus_p=args.nucleus_p,
         rng_seed=args.seed, top_k=args.top_k, stop_tokens=tuple(args.stop_token),
         stop_strings=tuple(args.stop), score_prompt=args.score_prompt,
-        allowed_tokens=tuple(args.allow), disallowed_tokens=tuple(args.ban))
+        allowed_tokens=tuple(args.allow), disallowed_tokens=tuple(args.ban),
+        prefill=args.prefill)
     tokens: list[Token] = []
     summary: RunSummary | None = None
     if not args.json:
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--allow", action="append", default=[], help="allowed token")
     sample.add_argument("--ban", action="append", default=[], help="disallowed token")
     sample.add_argument("--score-prompt", action="store_true")
+    sample.add_argument("--prefill", default="",
+                        help="float32 (exact), fixed16 or fast (faster, not exact) for the "
+                             "prompt's forward; default: $PROMPT_IDE_PREFILL, else float32")
     sample.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     sample.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sample.add_argument("--device", default=None,

@@ -96,7 +96,8 @@ class AsyncSampler:
         """Sample a completion, yielding one ``Token`` at a time (the SDK's signature).
 
         Extensions, by keyword: ``top_k`` (default 5), ``full_attention``, ``score_prompt``
-        (prompt tokens come first, as USER tokens), ``stop_at_eos`` (default True).
+        (prompt tokens come first, as USER tokens), ``stop_at_eos`` (default True),
+        ``prefill`` (``float32``, ``fixed16`` or ``fast``; empty for the engine's default).
         """
         async for event in self.sample_events(
                 prompt, inputs, model_name, max_len=max_len, temperature=temperature,

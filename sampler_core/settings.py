@@ -21,6 +21,9 @@ TEMPERATURE_LIMIT = 100.0
 TOP_K_LIMIT = 100
 MAX_LIST_ENTRIES = 4096
 SEED_LIMIT = 2**64 - 1
+#: How a long prompt's forward may compute on the packed CPU path: exact float32, or faster
+#: and inexact (16- or 8-bit fixed-point activations; see README "Speed").
+PREFILL_MODES = ("float32", "fixed16", "fast")
 
 
 def _fail(name: str, allowed: str, value: Any) -> InvalidSettings:
@@ -100,6 +103,10 @@ class SampleSettings:
     - ``full_attention``: also keep per-layer, per-head rows (implies return_attention).
     - ``score_prompt``: also return the prompt's tokens with teacher-forced probabilities.
     - ``stop_at_eos``: end the run when the model emits its end-of-sequence token.
+    - ``prefill``: how the prompt's forward computes (prompts over 32 tokens, packed weights on
+      the CPU): ``float32`` (exact), ``fixed16`` or ``fast`` (faster, not exact; the run's
+      notes say so); empty for the engine's default (float32 unless ``$PROMPT_IDE_PREFILL``
+      names another).
     """
 
     max_len: int = 256
@@ -115,6 +122,7 @@ class SampleSettings:
     full_attention: bool = False
     score_prompt: bool = False
     stop_at_eos: bool = True
+    prefill: str = ""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -133,6 +141,10 @@ class SampleSettings:
             set_(self, name, _as_bool(name, getattr(self, name)))
         if self.full_attention:
             set_(self, "return_attention", True)
+        if not isinstance(self.prefill, str):
+            raise _fail("prefill", f"a string: one of {', '.join(PREFILL_MODES)}, or empty",
+                        self.prefill)
+        set_(self, "prefill", self.prefill.strip().lower())
         # Validate ranges.
         if not 0 <= self.max_len <= MAX_LEN_LIMIT:
             raise _fail("max_len", f"in [0, {MAX_LEN_LIMIT}]", self.max_len)
@@ -144,6 +156,9 @@ class SampleSettings:
             raise _fail("rng_seed", "in [0, 2**64-1]", self.rng_seed)
         if not 0 <= self.top_k <= TOP_K_LIMIT:
             raise _fail("top_k", f"in [0, {TOP_K_LIMIT}]", self.top_k)
+        if self.prefill not in ("", *PREFILL_MODES):
+            raise _fail("prefill", f"one of {', '.join(PREFILL_MODES)}, or empty for the "
+                        "engine's default", self.prefill)
         if self.allowed_tokens and self.disallowed_tokens:
             raise InvalidSettings(
                 "allowed_tokens and disallowed_tokens cannot both be set, got "

@@ -112,7 +112,9 @@ class RunSummary:
     """The last event of a generation: how it ended and what the engine noticed on the way.
 
     ``notes`` holds things the user should see, for example a stop token that is not one
-    vocabulary token and was therefore ignored.
+    vocabulary token and was therefore ignored. ``prefill`` is how the prompt's forward
+    actually computed (``float32``, exact, or an inexact mode asked for by name); empty when
+    the engine did not say (an older server).
     """
 
     model_name: str
@@ -121,3 +123,4 @@ class RunSummary:
     finish_reason: FinishReason
     stop_match: str | None = None
     notes: tuple[str, ...] = ()
+    prefill: str = ""

@@ -34,3 +34,7 @@ def test_bad_settings_exit_2_with_the_message(engine) -> None:
     out = cli("sample", "Hi", "--nucleus-p", "1.5")
     assert out.returncode == 2
     assert "nucleus_p must be in (0, 1], got 1.5" in out.stderr and "Traceback" not in out.stderr
+    out = cli("sample", "Hi", "--prefill", "int8")
+    assert out.returncode == 2
+    assert "prefill must be one of float32, fixed16, fast" in out.stderr
+    assert "'int8'" in out.stderr and "Traceback" not in out.stderr

@@ -192,11 +192,7 @@ def _eager_attention(q, keys, values, start: int, group: int, scale: float) -> t
 
 
 def _attention_kernel_run(runner, q, cache, start: int, steps: int, mode: str) -> torch.Tensor:
-    runner.set_prefill(kernel_attention=True, mode=mode)
-    try:
-        return runner._attention_kernel(q, cache, 4, start, steps)
-    finally:
-        runner.set_prefill(kernel_attention=True, mode="float32")
+    return runner._attention_kernel(q, cache, 4, start, steps, bf16=mode == "fast")
 
 
 @pytest.mark.parametrize("start, steps", [(0, 2), (0, 37), (0, 300), (5, 70), (129, 33)])
@@ -216,12 +212,12 @@ def test_prefill_attention_kernel_equals_eager_attention(fast, start, steps) -> 
     end = start + steps
     expected = _eager_attention(q, cache.keys[4, :, :end], cache.values[4, :, :end], start,
                                 runner.group, runner.scale)
-    got = runner._attention_kernel(q, cache, 4, start, steps)
+    got = runner._attention_kernel(q, cache, 4, start, steps, bf16=False)
     assert got.shape == expected.shape
     assert (got - expected).abs().max() < 2e-5
     packed.use_threads(1)
     try:
-        alone = runner._attention_kernel(q, cache, 4, start, steps)
+        alone = runner._attention_kernel(q, cache, 4, start, steps, bf16=False)
     finally:
         packed.use_threads(torch.get_num_threads())
     assert torch.equal(alone, got)
@@ -237,7 +233,7 @@ def test_set_prefill_is_validated(fast) -> None:
     runner = fast._fast
     with pytest.raises(ValueError, match="mode must be one of float32, fixed16, fast, got 'x'"):
         runner.set_prefill(kernel_attention=True, mode="x")
-    with pytest.raises(ValueError, match="mode 'fast' needs kernel_attention"):
+    with pytest.raises(ValueError, match="mode 'fast' needs the attention kernel"):
         runner.set_prefill(kernel_attention=False, mode="fast")
     assert runner.prefill_mode == "float32" and runner._prefill_attention  # left as it was
 
@@ -327,6 +323,57 @@ def test_fast_prefill_stays_near_the_reference_and_is_deterministic(fast) -> Non
         assert tokens_of(fast, ids, **settings) == tokens_of(fast, ids, **settings)
     finally:
         runner.set_prefill(kernel_attention=True, mode="float32")
+
+
+def test_a_run_can_ask_for_its_prefill_by_name(fast) -> None:
+    """``SampleSettings.prefill`` picks the mode for one run: what an engine whose default is
+    that mode gives, bit for bit; the engine's default stays as it was; the run says what its
+    prompt got (summary and note); a prompt short enough for the packed path is exact."""
+    from sampler_core.engine import packed
+
+    kernel = packed.kernel()
+    need(kernel.prefill_supported() == 1 and kernel.prefill_attention_bf16_supported() == 1,
+         "this CPU lacks AVX-512 VNNI or BF16")
+    runner = fast._fast
+    long_ids = _file_windows(fast)[2][:120]
+
+    def run(ids, **extra):
+        events = list(fast.start([TokenIdsPart(tuple(ids))], SampleSettings(
+            max_len=6, temperature=1.0, rng_seed=2, top_k=3, stop_at_eos=False, **extra)))
+        return [e for e in events if isinstance(e, Token)], events[-1]
+
+    exact, exact_summary = run(long_ids)
+    asked, summary = run(long_ids, prefill="fast")
+    assert runner.prefill_mode == "float32"
+    assert exact_summary.prefill == "float32" and not exact_summary.notes
+    assert summary.prefill == "fast" and any(n.startswith("prefill fast:") for n in summary.notes)
+    assert [t.raw_prob for t in asked] != [t.raw_prob for t in exact]
+    runner.set_prefill(kernel_attention=True, mode="fast")
+    try:
+        by_default, default_summary = run(long_ids)
+        exact_again, _ = run(long_ids, prefill="float32")
+    finally:
+        runner.set_prefill(kernel_attention=True, mode="float32")
+    assert by_default == asked and default_summary == summary
+    assert exact_again == exact
+    short, short_summary = run(long_ids[:20], prefill="fast")
+    assert short_summary.prefill == "float32" and not short_summary.notes
+    assert short == run(long_ids[:20])[0]
+
+
+def test_a_prefill_the_engine_cannot_run_is_refused_by_name(fast, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from sampler_core.errors import InvalidSettings
+    from sampler_core.inputs import TextPart
+
+    monkeypatch.setattr(fast._fast, "_kernel", SimpleNamespace(
+        prefill_supported=lambda: 0, prefill_attention_bf16_supported=lambda: 0))
+    with pytest.raises(InvalidSettings, match=r"prefill 'fixed16' needs packed weights on a CPU "
+                                              r"with AVX-512 VNNI, which this engine does not "
+                                              r"have here; use float32") as err:
+        fast.start([TextPart("hi")], SampleSettings(prefill="fixed16"))
+    assert err.value.field == "prefill" and err.value.value == "fixed16"
 
 
 def test_every_kernel_source_ships_with_the_package() -> None:

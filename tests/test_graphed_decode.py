@@ -122,6 +122,16 @@ def test_gpu_engine_gives_the_float32_reference_answers(on_gpu, reference) -> No
 
 
 @gpu
+def test_gpu_engine_refuses_the_cpu_only_prefills_by_name(on_gpu) -> None:
+    from sampler_core.errors import InvalidSettings
+    from sampler_core.inputs import TextPart
+
+    with pytest.raises(InvalidSettings, match=r"prefill 'fast' needs packed weights on a CPU "
+                                              r".* does not have on a GPU; use float32"):
+        on_gpu.start([TextPart("hi")], SampleSettings(prefill="fast"))
+
+
+@gpu
 def test_graphed_and_launched_steps_agree_on_the_gpu(on_gpu, monkeypatch) -> None:
     """The same run with kernels launched one by one and replayed from a graph: the same
     tokens, probabilities and attention rows (to float rounding)."""

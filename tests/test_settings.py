@@ -22,6 +22,11 @@ def test_normalises_lists_and_numbers() -> None:
     assert SampleSettings(stop_strings="END").stop_strings == ("END",)
 
 
+def test_prefill_is_normalised() -> None:
+    assert SampleSettings().prefill == ""
+    assert SampleSettings(prefill=" Fixed16 ").prefill == "fixed16"
+
+
 def test_full_attention_implies_return_attention() -> None:
     assert SampleSettings(full_attention=True).return_attention
 
@@ -48,6 +53,10 @@ def test_full_attention_implies_return_attention() -> None:
          r"allowed_tokens and disallowed_tokens cannot both be set, got 1 allowed and 1 disallowed"),
         ({"return_attention": "yes"}, r"return_attention must be a bool, got 'yes'"),
         ({"stop_tokens": ["x"] * 5000}, r"stop_tokens must be at most 4096 entries, got '5000 entries'"),
+        ({"prefill": "int8"}, r"prefill must be one of float32, fixed16, fast, or empty for the "
+                              r"engine's default, got 'int8'"),
+        ({"prefill": 16}, r"prefill must be a string: one of float32, fixed16, fast, or empty, "
+                          r"got 16"),
     ],
 )
 def test_validation_messages_name_field_range_and_value(changes: dict, message: str) -> None:

@@ -116,6 +116,29 @@ def test_client_speaks_every_rpc(wire_server) -> None:
     assert streamed_budget == budget and txs[-1].num_generated_tokens == 3
 
 
+def test_prefill_travels_both_ways(wire_server) -> None:
+    """A run asks for its prefill by name over the wire; the summary says what it got (an
+    exact prefill for a short prompt), and a mode the server does not know is refused by name."""
+    long_text = "The history of the printing press begins in the fifteenth century. " * 4
+    channel, stub = wire_server.stub()
+    with channel:
+        long = list(stub.SampleTokens(sample_request(long_text, max_len=2, prefill="fixed16"),
+                                      timeout=120))
+        short = list(stub.SampleTokens(sample_request(max_len=2, prefill="fixed16"), timeout=120))
+        try:
+            list(stub.SampleTokens(sample_request(max_len=2, prefill="int8"), timeout=120))
+        except grpc.RpcError as exc:
+            refused = exc
+    summary = next(r.summary for r in long if r.WhichOneof("response") == "summary")
+    assert summary.prefill == "fixed16" and any(n.startswith("prefill fixed16:")
+                                                for n in summary.notes)
+    assert next(r.summary for r in short if r.WhichOneof("response") == "summary").prefill == \
+        "float32"
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prefill must be one of float32, fixed16, fast" in refused.details()
+    assert "'int8'" in refused.details()
+
+
 def test_token_from_an_old_server_leaves_extensions_none() -> None:
     """A server without our extensions sends bare Logits: the Token's extra fields are None."""
     from sampler_core.wire import convert

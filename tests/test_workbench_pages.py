@@ -101,6 +101,22 @@ def test_invalid_values_show_the_message_by_the_widget(app, engine) -> None:
     assert any("context window" in m for m in messages), messages
 
 
+def test_an_inexact_prefill_is_picked_by_name_and_labelled(app, engine) -> None:
+    """The sidebar's prefill choice reaches the engine; the run is labelled as not exact in
+    its summary line and notes, and keeps the label in history."""
+    from sampler_core.engine import packed
+
+    kernel = packed.kernel()
+    if kernel is None or not kernel.prefill_supported():
+        (pytest.fail if IN_CI else pytest.skip)("this CPU lacks AVX-512 VNNI (or the kernel)")
+    app.sidebar.selectbox(key="prefill_w").set_value("fixed16")
+    run = run_prompt(app, "The history of the printing press begins in the fifteenth "
+                     "century, when movable type changed how books were made. " * 3, max_len=2)
+    assert run.settings.prefill == "fixed16" and run.summary.prefill == "fixed16"
+    assert any("prefill fixed16 (not exact)" in c.value for c in app.caption)
+    assert any(w.value.startswith("prefill fixed16:") for w in app.warning)
+
+
 def test_scored_prompt_tokens_in_table(app, engine) -> None:
     run = run_prompt(app, "Hello there", max_len=2, score_prompt=True)
     prompt_ids = [t.token_id for t in engine.tokenize("Hello there")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -113,6 +114,14 @@ def test_forms_parse_and_report_the_field() -> None:
     values.update(disallowed_tokens="")
     assert forms.build_settings(values).stop_at_eos is True
     assert forms.build_settings({**values, "stop_at_eos": False}).stop_at_eos is False
+    assert forms.build_settings(values).prefill == ""
+    assert forms.build_settings({**values, "prefill": "fast"}).prefill == "fast"
+    assert [forms.prefill_label(m) for m in forms.PREFILL_CHOICES] == [
+        "engine default", "float32 (exact)", "fixed16 (~1.5x faster, not exact)",
+        "fast (~2x faster, not exact)"]
+    with pytest.raises(InvalidSettings) as err:
+        forms.build_settings({**values, "prefill": "int8"})
+    assert err.value.field == "prefill"
 
 
 def test_store_round_trip_and_code(tmp_path) -> None:
@@ -129,6 +138,14 @@ def test_store_round_trip_and_code(tmp_path) -> None:
     assert "inputs=['Hi', [2]]" in code and "rng_seed=0" in code and "max_len=4" in code
     compile(code, "<run>", "exec")
     assert "api_host='h:1'" in store.python_code(run, "h:1")
+    assert "prefill" not in code
+    labelled = _run(run_id="r2", summary=replace(summary, prefill="fast"),
+                    settings=SampleSettings(max_len=4, prefill="fast"))
+    store.save(labelled, db)
+    assert store.load("r2", db) == labelled
+    assert "prefill='fast'" in store.python_code(labelled)
+    assert views.prefill_tag(labelled.summary) == "prefill fast (not exact)"
+    assert views.prefill_tag(summary) == "" and views.prefill_tag(None) == ""
 
 
 def test_data_dir_from_env(monkeypatch, tmp_path) -> None:

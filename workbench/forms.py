@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from sampler_core.settings import InputToken, SampleSettings
+from sampler_core.settings import PREFILL_MODES, InputToken, SampleSettings
+
+#: The prefill choices the sidebar offers: the engine's default, then each mode by name.
+PREFILL_CHOICES = ("", *PREFILL_MODES)
+_PREFILL_LABELS = {"": "engine default", "float32": "float32 (exact)",
+                   "fixed16": "fixed16 (~1.5x faster, not exact)",
+                   "fast": "fast (~2x faster, not exact)"}
+
+
+def prefill_label(mode: str) -> str:
+    """How the sidebar names a prefill choice."""
+    return _PREFILL_LABELS.get(mode, mode)
 
 
 def unescape(text: str) -> str:
@@ -42,4 +53,4 @@ def build_settings(values: dict[str, Any]) -> SampleSettings:
         return_attention=values.get("return_attention", False),
         full_attention=values.get("full_attention", False),
         score_prompt=values.get("score_prompt", False),
-        stop_at_eos=values.get("stop_at_eos", True))
+        stop_at_eos=values.get("stop_at_eos", True), prefill=values.get("prefill", ""))

@@ -32,6 +32,7 @@ ATTENTION_W = "return_attention_w"
 FULL_ATTENTION_W = "full_attention_w"
 SCORE_W = "score_prompt_w"
 STOP_AT_EOS_W = "stop_at_eos_w"
+PREFILL_W = "prefill_w"
 # Playground
 PROMPT_W = "prompt_w"
 PROMPT = "prompt"                  # the last submitted prompt (survives page switches)

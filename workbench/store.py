@@ -112,7 +112,7 @@ def summary_to_dict(s: RunSummary | None) -> dict[str, Any] | None:
         return None
     return {"model_name": s.model_name, "num_prompt_tokens": s.num_prompt_tokens,
             "num_generated_tokens": s.num_generated_tokens, "finish_reason": s.finish_reason.value,
-            "stop_match": s.stop_match, "notes": list(s.notes)}
+            "stop_match": s.stop_match, "notes": list(s.notes), "prefill": s.prefill}
 
 
 def summary_from_dict(d: dict[str, Any] | None) -> RunSummary | None:
@@ -120,7 +120,8 @@ def summary_from_dict(d: dict[str, Any] | None) -> RunSummary | None:
     if not d:
         return None
     return RunSummary(d["model_name"], d["num_prompt_tokens"], d["num_generated_tokens"],
-                      FinishReason(d["finish_reason"]), d.get("stop_match"), tuple(d.get("notes", ())))
+                      FinishReason(d["finish_reason"]), d.get("stop_match"), tuple(d.get("notes", ())),
+                      d.get("prefill", ""))
 
 
 def settings_from_dict(d: dict[str, Any]) -> SampleSettings:
@@ -247,6 +248,7 @@ def python_code(run: RunResult, host: str | None = None, path: Path | None = Non
         "augment_tokens": False, "return_attention": s.return_attention, "top_k": s.top_k,
         "full_attention": s.full_attention, "score_prompt": s.score_prompt,
         "stop_at_eos": s.stop_at_eos,
+        **({"prefill": s.prefill} if s.prefill else {}),
     }
     body = ",\n".join(f"    {k}={v!r}" for k, v in args.items())
     imports = "import os\n\nfrom sampler_core import Client, SyncClient" if host else \

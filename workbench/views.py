@@ -201,6 +201,13 @@ def attention_heatmap(generated: Sequence[Token], prompt_labels: Sequence[str], 
                    row_step, col_step)
 
 
+def prefill_tag(summary: RunSummary | None) -> str:
+    """A run's label when its prompt's forward was not float32-exact (else empty)."""
+    if summary is None or summary.prefill in ("", "float32"):
+        return ""
+    return f"prefill {summary.prefill} (not exact)"
+
+
 def divergence(runs: Sequence[Sequence[int]]) -> int | None:
     """The first index where the token-id sequences differ (None when all are identical)."""
     if len(runs) < 2:

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from sampler_core.engine.attention import recorder_for
 from sampler_core.engine.base import Event, FairLock
-from sampler_core.engine.fast_llama import FastLlama, KVCache, supports
+from sampler_core.engine.fast_llama import PACKED_MAX_STEPS, FastLlama, KVCache, supports
 from sampler_core.engine.models import LoadedModel
 from sampler_core.engine.packed import packed_for
 from sampler_core.engine.processors import LogitsProcessor, argmax, build_chain, draw
@@ -42,6 +42,18 @@ class Plan:
     notes: tuple[str, ...]
     #: Engine-specific prompt data beyond the ids (a vision engine's prepared images).
     extra: Any = None
+    #: How the prompt's forward computes (``settings.PREFILL_MODES``), resolved for this run.
+    prefill: str = "float32"
+
+
+#: What a run's notes say when its prompt's forward was not float32-exact.
+INEXACT_PREFILL_NOTES = {
+    "fixed16": "prefill fixed16: the prompt's forward rounded activations to 16-bit fixed "
+               "point (faster, not exact: probabilities may differ from float32 by ~1e-3)",
+    "fast": "prefill fast: the prompt's forward rounded activations to 8 bits and ran "
+            "attention in bfloat16 (about twice as fast, not exact: probabilities may differ "
+            "from float32 by ~0.1, and greedy runs may part from it)",
+}
 
 
 class CausalLMGeneration:
@@ -231,7 +243,27 @@ class CausalLMEngine:
                                   field="disallowed_tokens", value=len(banned))
         chain = build_chain(allowed=allowed, banned=banned, temperature=settings.temperature,
                             nucleus_p=settings.nucleus_p)
-        return Plan(tuple(prompt), settings, stop_ids, chain, tuple(notes), extra)
+        prefill = self._prefill_mode(settings.prefill, len(prompt), notes)
+        return Plan(tuple(prompt), settings, stop_ids, chain, tuple(notes), extra, prefill)
+
+    def _prefill_mode(self, requested: str, prompt_length: int, notes: list[str]) -> str:
+        """The run's prefill mode: the one asked for, else the engine's default. A mode this
+        engine cannot run is refused; an inexact one is noted when the prompt is long enough
+        for it to apply, so the run carries its label into history and comparisons."""
+        runner = self._fast
+        mode = requested or (runner.prefill_mode if runner is not None else "float32")
+        if mode == "float32":
+            return mode
+        try:
+            if runner is None:
+                raise ValueError(f"prefill {mode!r} needs the lean runner on packed weights, "
+                                 f"and {self.name} runs through transformers; use float32")
+            runner.check_prefill(mode)
+        except ValueError as exc:
+            raise InvalidSettings(str(exc), field="prefill", value=mode) from exc
+        if prompt_length > PACKED_MAX_STEPS:
+            notes.append(INEXACT_PREFILL_NOTES[mode])
+        return mode
 
     def start(self, parts: Sequence[PromptPart], settings: SampleSettings,
               cancelled: Callable[[], bool] | None = None) -> CausalLMGeneration:
@@ -242,19 +274,20 @@ class CausalLMEngine:
 
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int], cache: DynamicCache | KVCache, *, all_logits: bool,
-                 attention: bool, inputs: dict[str, torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 attention: bool, inputs: dict[str, torch.Tensor] | None = None,
+                 prefill: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run pending tokens through the model; return logits (last or all) and attention rows.
 
         ``inputs`` replaces ``input_ids`` when given (a vision engine's ``inputs_embeds``, or
-        ``input_ids`` with ``pixel_values``).
+        ``input_ids`` with ``pixel_values``); ``prefill`` is the plan's mode for a prompt.
         """
         if isinstance(cache, KVCache):
             embeds = inputs["inputs_embeds"][0] if inputs is not None else None
             with self._steps:  # one forward at a time, in arrival order: runs interleave fairly
                 logits, rows = self._fast.forward(
                     torch.tensor(list(ids), device=self.device) if embeds is None else None,
-                    cache, inputs_embeds=embeds, all_logits=all_logits, attention=attention)
+                    cache, inputs_embeds=embeds, all_logits=all_logits, attention=attention,
+                    prefill=prefill)
             # The vocabulary math and the seeded generator live on the CPU (a no-op there).
             return logits.cpu(), None if rows is None else rows.cpu()
         model_inputs = ({k: v.to(self.device) for k, v in inputs.items()} if inputs is not None
@@ -283,7 +316,8 @@ class CausalLMEngine:
     def _prefill(self, plan: Plan, cache: DynamicCache | KVCache, *, all_logits: bool,
                  attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompt's forward pass (a vision engine splices its images in here)."""
-        return self._forward(plan.prompt_ids, cache, all_logits=all_logits, attention=attention)
+        return self._forward(plan.prompt_ids, cache, all_logits=all_logits, attention=attention,
+                             prefill=plan.prefill)
 
     def _token(self, token_id: int, logits: torch.Tensor, processed: torch.Tensor | None,
                settings: SampleSettings, position: int, token_type: TokenType,
@@ -370,7 +404,9 @@ class CausalLMEngine:
                 last = logits[-1]
         yield RunSummary(model_name=self.name, num_prompt_tokens=len(plan.prompt_ids),
                          num_generated_tokens=len(generated), finish_reason=finish,
-                         stop_match=match, notes=plan.notes)
+                         stop_match=match, notes=plan.notes,
+                         prefill=plan.prefill if len(plan.prompt_ids) > PACKED_MAX_STEPS
+                         else "float32")
 
     def _stop_string(self, generated: list[int], stop_strings: tuple[str, ...]) -> str | None:
         """The first stop string the generated text now contains, if any."""

@@ -171,18 +171,28 @@ class FastLlama:
         """Choose how long prefills run: attention by the kernel or by torch, and the linears'
         ``mode`` (``packed.PREFILL_MODES``). For benchmarks and tests that compare the ways;
         the engine picks the default (``PROMPT_IDE_PREFILL``) when it loads."""
-        if mode not in packed_kernels.PREFILL_MODES:
-            raise ValueError(f"mode must be one of {', '.join(packed_kernels.PREFILL_MODES)}, "
-                             f"got {mode!r}")
-        if mode != "float32" and (self.packed is None or not self._kernel.prefill_supported()):
-            raise ValueError(f"mode {mode!r} needs packed weights and a CPU with AVX-512 VNNI")
-        if mode == "fast" and not (kernel_attention
-                                   and self._kernel.prefill_attention_bf16_supported()):
-            raise ValueError("mode 'fast' needs kernel_attention and a CPU with AVX-512 BF16")
+        self._check_mode("mode", mode, kernel_attention)
         if kernel_attention and not self.kernel_attention_available:
             raise ValueError(f"kernel_attention needs packed weights and a head_dim that is a "
                              f"multiple of 16 up to the kernel's limit, got {self.head_dim}")
         self._prefill_attention, self.prefill_mode = kernel_attention, mode
+
+    def check_prefill(self, mode: str) -> None:
+        """Refuse (ValueError naming ``prefill``) a prefill mode this runner cannot run."""
+        self._check_mode("prefill", mode, self._prefill_attention)
+
+    def _check_mode(self, name: str, mode: str, kernel_attention: bool) -> None:
+        if mode not in packed_kernels.PREFILL_MODES:
+            raise ValueError(f"{name} must be one of {', '.join(packed_kernels.PREFILL_MODES)}, "
+                             f"got {mode!r}")
+        where = "on a GPU" if self.embed.device.type != "cpu" else "here"
+        if mode != "float32" and (self.packed is None or not self._kernel.prefill_supported()):
+            raise ValueError(f"{name} {mode!r} needs packed weights on a CPU with AVX-512 VNNI, "
+                             f"which this engine does not have {where}; use float32")
+        if mode == "fast" and not (kernel_attention
+                                   and self._kernel.prefill_attention_bf16_supported()):
+            raise ValueError(f"{name} 'fast' needs the attention kernel and a CPU with AVX-512 "
+                             "BF16; use float32 or fixed16")
 
     @property
     def weights(self) -> str:
@@ -222,8 +232,10 @@ class FastLlama:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | None, cache: KVCache, *,
                 inputs_embeds: torch.Tensor | None = None, all_logits: bool = False,
-                attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run ``T`` new positions (ids ``[T]`` or embeddings ``[T, hidden]``).
+                attention: bool = False, prefill: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run ``T`` new positions (ids ``[T]`` or embeddings ``[T, hidden]``); ``prefill``
+        overrides ``prefill_mode`` for this call (checked by ``check_prefill``).
 
         Returns logits (``[T, vocab]`` or ``[1, vocab]``) and, when asked, the attention of the
         last position: ``[layer, head, context]``.
@@ -238,6 +250,8 @@ class FastLlama:
         if steps == 1 and self.packed is not None and end <= self._decode_max_context:
             return self._decode_packed(x, cache, rows), rows
         cos, sin = self._rotary(start, end)  # [T, head_dim]
+        # Inexact modes apply to long prefills only; short ones read the packed blocks exactly.
+        mode = (prefill or self.prefill_mode) if steps > PACKED_MAX_STEPS else "float32"
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
             if self.packed is not None:
                 parts = self.packed.layers[index]
@@ -246,14 +260,14 @@ class FastLlama:
                 # or, when asked for, fixed-point activations on VNNI.
                 w_qkv, w_o, w_gate_up, w_down = (
                     parts if steps <= PACKED_MAX_STEPS
-                    else [partial(p.prefill, bits=FIXED_BITS[self.prefill_mode]) for p in parts]
-                    if self.prefill_mode in FIXED_BITS
+                    else [partial(p.prefill, bits=FIXED_BITS[mode]) for p in parts]
+                    if mode in FIXED_BITS
                     else [p.unpack(out) for p, out in zip(parts, self._unpacked)])
             # Attention block: q/k/v, rotary, cache write, attention (and the last row's weights).
             qkv = _linear(self._norm(x, w_in), w_qkv)
             if steps > 1 and self._prefill_attention:
                 q = self._split_heads_kernel(qkv, cache, index, start, cos, sin)
-                out = self._attention_kernel(q, cache, index, start, steps)
+                out = self._attention_kernel(q, cache, index, start, steps, mode == "fast")
             else:
                 q = self._split_heads(qkv, cache, index, start, cos, sin)
                 out = self._attention(q, cache, index, start, rows)
@@ -326,9 +340,10 @@ class FastLlama:
         return act
 
     def _attention_kernel(self, q: torch.Tensor, cache: KVCache, layer: int, start: int,
-                          steps: int) -> torch.Tensor:
+                          steps: int, bf16: bool) -> torch.Tensor:
         """Causal attention of ``steps`` new queries (``[head, T, head_dim]``, contiguous) over
-        the cache, by the kernel (``prefill_attention.c``); returns ``[T, heads * head_dim]``."""
+        the cache, by the kernel (``prefill_attention.c``; its products in bfloat16 when
+        ``bf16``); returns ``[T, heads * head_dim]``."""
         end = start + steps
         out = torch.empty(steps, self.q_size)
         scratch = torch.empty(self._kernel.prefill_attention_scratch_floats(
@@ -336,7 +351,7 @@ class FastLlama:
         self._kernel.prefill_attention(
             q.data_ptr(), cache.keys[layer].data_ptr(), cache.values[layer].data_ptr(),
             cache.keys.shape[2], self.num_heads, self.num_kv, self.head_dim, start, steps,
-            self.scale, out.data_ptr(), scratch.data_ptr(), self.prefill_mode == "fast")
+            self.scale, out.data_ptr(), scratch.data_ptr(), bf16)
         return out
 
     def _attention_sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

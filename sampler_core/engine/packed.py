@@ -46,17 +46,19 @@ from typing import Any
 import numpy as np
 import torch
 
+# How a long prefill runs: ``float32`` (exact: BLAS on weights rebuilt a layer at a time,
+# float32 attention); ``fixed16`` (activations in 16-bit fixed point on VNNI,
+# ``prefill_kernel.c``); ``fast`` (8-bit activations and bfloat16 attention products). The
+# last two are not exact, so they run only when asked for by name (``SampleSettings.prefill``
+# per run, or ``$PROMPT_IDE_PREFILL`` for the engine's default).
+from sampler_core.settings import PREFILL_MODES
+
 Q4_1_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of nibbles (32 weights)
 Q8_0_BLOCK_BYTES = 34  # float16 d, 32 int8 weights
 BLOCK = 32
 #: The packed linears of one layer, in order.
 LAYER_PARTS = ("qkv", "o", "gate_up", "down")
 WEIGHT_MODES = ("packed", "float32")
-#: How a long prefill runs: ``float32`` (exact: BLAS on weights rebuilt a layer at a time,
-#: float32 attention); ``fixed16`` (activations in 16-bit fixed point on VNNI,
-#: ``prefill_kernel.c``); ``fast`` (8-bit activations and bfloat16 attention products). The
-#: last two are not exact, so they run only when asked for by name.
-PREFILL_MODES = ("float32", "fixed16", "fast")
 #: The kernel's rotary step works on heads up to this size (a buffer on its stack).
 MAX_HEAD_DIM = 512
 

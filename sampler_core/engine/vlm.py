@@ -225,7 +225,7 @@ class VisionLanguageEngine(CausalLMEngine):
             return super()._prefill(plan, cache, all_logits=all_logits, attention=attention)
         inputs = self.vision.prefill_inputs(plan.prompt_ids, plan.extra, self.model)
         return self._forward(plan.prompt_ids, cache, all_logits=all_logits,
-                             attention=attention, inputs=inputs)
+                             attention=attention, inputs=inputs, prefill=plan.prefill)
 
     def _score_prompt(self, plan: Plan, logits: torch.Tensor) -> Iterator[Token]:
         """As for text, but image tokens read ``<image i: patch r,c>`` and have no probability

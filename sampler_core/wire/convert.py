@@ -127,7 +127,8 @@ def settings_to_proto(settings: SampleSettings) -> pb.SampleSettings:
         disallowed_tokens=[_input_token_to_proto(t) for t in settings.disallowed_tokens],
         top_k=settings.top_k, full_attention=settings.full_attention,
         score_prompt=settings.score_prompt, stop_at_eos=settings.stop_at_eos,
-        temperature_exact=settings.temperature, nucleus_p_exact=settings.nucleus_p)
+        temperature_exact=settings.temperature, nucleus_p_exact=settings.nucleus_p,
+        prefill=settings.prefill)
 
 
 def settings_from_proto(msg: pb.SampleSettings | None, return_attention: bool) -> SampleSettings:
@@ -149,7 +150,8 @@ def settings_from_proto(msg: pb.SampleSettings | None, return_attention: bool) -
         top_k=msg.top_k if msg.HasField("top_k") else defaults.top_k,
         return_attention=return_attention, full_attention=msg.full_attention,
         score_prompt=msg.score_prompt,
-        stop_at_eos=msg.stop_at_eos if msg.HasField("stop_at_eos") else defaults.stop_at_eos)
+        stop_at_eos=msg.stop_at_eos if msg.HasField("stop_at_eos") else defaults.stop_at_eos,
+        prefill=msg.prefill)
 
 
 def parts_to_proto(parts: Sequence[PromptPart]) -> list[pb.PromptInput]:
@@ -267,7 +269,8 @@ def summary_to_proto(summary: RunSummary) -> pb.RunSummary:
     """How a run ended, for the wire."""
     msg = pb.RunSummary(model_name=summary.model_name, num_prompt_tokens=summary.num_prompt_tokens,
                         num_generated_tokens=summary.num_generated_tokens,
-                        finish_reason=summary.finish_reason.value, notes=summary.notes)
+                        finish_reason=summary.finish_reason.value, notes=summary.notes,
+                        prefill=summary.prefill)
     if summary.stop_match is not None:
         msg.stop_match = summary.stop_match
     return msg
@@ -281,7 +284,8 @@ def summary_from_proto(msg: pb.RunSummary) -> RunSummary:
         finish = FinishReason.MAX_LEN
     return RunSummary(model_name=msg.model_name, num_prompt_tokens=msg.num_prompt_tokens,
                       num_generated_tokens=msg.num_generated_tokens, finish_reason=finish,
-                      stop_match=_opt(msg, "stop_match"), notes=tuple(msg.notes))
+                      stop_match=_opt(msg, "stop_match"), notes=tuple(msg.notes),
+                      prefill=msg.prefill)
 
 
 def budget_to_proto(budget: TokenBudget) -> pb.TokenBudget:

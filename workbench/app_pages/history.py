@@ -9,7 +9,7 @@ import streamlit as st
 
 from workbench import state, store
 from workbench.components import chips
-from workbench.views import visible
+from workbench.views import prefill_tag, visible
 
 
 def _reopen(run_id: str) -> None:
@@ -61,6 +61,9 @@ def page() -> None:
                        f"sha256 `{run.image_sha[:16]}…`")
         if image is None:
             right.warning("The image's kept copy is missing from the history folder.")
+    if prefill_tag(run.summary):
+        st.caption(f"This run's {prefill_tag(run.summary)}: its probabilities may differ from "
+                   "an exact run's.")
     chips.render(run.tokens)
     c1, c2 = st.columns(2)
     c1.button("Reopen in the playground", key="history_reopen", on_click=_reopen, args=(run_id,))

@@ -13,7 +13,7 @@ import streamlit as st
 from sampler_core.errors import InvalidArgument, SamplerError
 from sampler_core.settings import MAX_LEN_LIMIT, SampleSettings, TOP_K_LIMIT
 
-from workbench import resources, state
+from workbench import forms, resources, state
 from workbench.forms import build_settings
 
 LOCAL = "Embedded engine"
@@ -123,6 +123,13 @@ def render() -> Sidebar:
             "Stop at end-of-sequence", value=True, key=state.STOP_AT_EOS_W,
             help="End the run when the model emits its end-of-sequence token; off, sampling "
                  "runs on to max_len")
+        values["prefill"] = st.selectbox(
+            "Prompt forward (prefill)", forms.PREFILL_CHOICES, key=state.PREFILL_W,
+            format_func=forms.prefill_label,
+            help="How a prompt over 32 tokens is computed on the CPU's packed weights. float32 "
+                 "is exact; fixed16 and fast round the activations (fast also runs attention "
+                 "in bfloat16) for a quicker first token, and their runs are labelled.")
+        bar.slots["prefill"] = st.empty()
         try:
             bar.settings = build_settings(values)
         except InvalidArgument as exc:

@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprompt_ide/sampler_public.proto\x12\nprompt_ide\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\x13SampleTokensRequest\x12\x12\n\x06prompt\x18\x01 \x03(\rB\x02\x18\x01\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.prompt_ide.SampleSettings\x12\x18\n\x10return_attention\x18\x04 \x01(\x08\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\'\n\x06inputs\x18\x07 \x03(\x0b\x32\x17.prompt_ide.PromptInputJ\x04\x08\x03\x10\x04J\x04\x08\x06\x10\x07\"\x82\x01\n\x0bPromptInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0cimage_base64\x18\x03 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.prompt_ide.TokenIdsH\x00\x42\t\n\x07payload\"\x1a\n\x08TokenIds\x12\x0e\n\x06tokens\x18\x01 \x03(\r\"\xc7\x03\n\x0eSampleSettings\x12\x0f\n\x07max_len\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x11\n\tnucleus_p\x18\x03 \x01(\x02\x12\x13\n\x0bstop_tokens\x18\x04 \x03(\t\x12\x10\n\x08rng_seed\x18\x05 \x01(\x04\x12.\n\x0e\x61llowed_tokens\x18\x06 \x03(\x0b\x32\x16.prompt_ide.InputToken\x12\x14\n\x0cstop_strings\x18\x07 \x03(\t\x12\x31\n\x11\x64isallowed_tokens\x18\x08 \x03(\x0b\x32\x16.prompt_ide.InputToken\x12\x12\n\x05top_k\x18\x64 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0e\x66ull_attention\x18\x65 \x01(\x08\x12\x14\n\x0cscore_prompt\x18\x66 \x01(\x08\x12\x18\n\x0bstop_at_eos\x18g \x01(\x08H\x01\x88\x01\x01\x12\x1e\n\x11temperature_exact\x18h \x01(\x01H\x02\x88\x01\x01\x12\x1c\n\x0fnucleus_p_exact\x18i \x01(\x01H\x03\x88\x01\x01\x42\x08\n\x06_top_kB\x0e\n\x0c_stop_at_eosB\x14\n\x12_temperature_exactB\x12\n\x10_nucleus_p_exact\"A\n\nInputToken\x12\x16\n\x0cstring_token\x18\x01 \x01(\tH\x00\x12\x12\n\x08token_id\x18\x02 \x01(\rH\x00\x42\x07\n\x05token\"\xd7\x01\n\x14SampleTokensResponse\x12\"\n\x05token\x18\x01 \x01(\x0b\x32\x11.prompt_ide.TokenH\x00\x12)\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x17.prompt_ide.TokenBudgetH\x00\x12\x33\n\x0btransaction\x18\x04 \x01(\x0b\x32\x1c.prompt_ide.TokenTransactionH\x00\x12)\n\x07summary\x18\x64 \x01(\x0b\x32\x16.prompt_ide.RunSummaryH\x00\x42\n\n\x08responseJ\x04\x08\x03\x10\x04\"\x90\x02\n\x05Token\x12&\n\x0b\x66inal_logit\x18\x01 \x01(\x0b\x32\x11.prompt_ide.Logit\x12)\n\ntoken_type\x18\x03 \x01(\x0e\x32\x15.prompt_ide.TokenType\x12 \n\x05top_k\x18\x04 \x03(\x0b\x32\x11.prompt_ide.Logit\x12\x11\n\tattention\x18\x05 \x03(\x02\x12\x14\n\x07\x65ntropy\x18\x64 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08position\x18\x65 \x01(\x05H\x01\x88\x01\x01\x12\x33\n\x0e\x66ull_attention\x18\x66 \x01(\x0b\x32\x1b.prompt_ide.AttentionTensorB\n\n\x08_entropyB\x0b\n\t_positionJ\x04\x08\x02\x10\x03\"\xc7\x01\n\x05Logit\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x14\n\x0cstring_token\x18\x02 \x01(\t\x12\x0c\n\x04prob\x18\x03 \x01(\x02\x12\x17\n\nprob_exact\x18\x64 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08raw_prob\x18\x65 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07logprob\x18\x66 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04rank\x18g \x01(\x05H\x03\x88\x01\x01\x42\r\n\x0b_prob_exactB\x0b\n\t_raw_probB\n\n\x08_logprobB\x07\n\x05_rank\"I\n\x0f\x41ttentionTensor\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x11\n\tnum_heads\x18\x02 \x01(\x05\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\xa7\x01\n\nRunSummary\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14num_generated_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\nstop_match\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05notes\x18\x06 \x03(\tB\r\n\x0b_stop_match\"3\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\"5\n\x10TokenizeResponse\x12!\n\x06tokens\x18\x01 \x03(\x0b\x32\x11.prompt_ide.Token\"\x90\x01\n\x1eTokenizeAndSampleTokensRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.prompt_ide.SampleSettings\x12\x18\n\x10return_attention\x18\x04 \x01(\x08\x12\x12\n\nmodel_name\x18\x05 \x01(\tJ\x04\x08\x03\x10\x04\"\xee\x01\n\x10TokenTransaction\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\x05\x12\x1c\n\x14num_generated_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x63ost_multiplier\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10transaction_type\x18\x05 \x01(\t\x12\x16\n\x0etransaction_id\x18\x06 \x01(\t\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x11\n\tconfirmed\x18\x08 \x01(\x08\"1\n\x15GetTokenBudgetRequest\x12\x18\n\x10transaction_type\x18\x01 \x01(\t\"g\n\x0bTokenBudget\x12\x13\n\x0btoken_limit\x18\x01 \x01(\x05\x12\x14\n\x0ctokens_spent\x18\x02 \x01(\x05\x12\x15\n\rrequest_limit\x18\x03 \x01(\x05\x12\x16\n\x0erequests_spent\x18\x04 \x01(\x05\"N\n\x18ListTransactionsResponse\x12\x32\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1c.prompt_ide.TokenTransaction\")\n\x12ListModelsResponse\x12\x13\n\x0bmodel_names\x18\x01 \x03(\t*-\n\tTokenType\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04USER\x10\x01\x12\t\n\x05MODEL\x10\x02\x32\xf6\x03\n\x07Sampler\x12S\n\x0cSampleTokens\x12\x1f.prompt_ide.SampleTokensRequest\x1a .prompt_ide.SampleTokensResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.prompt_ide.TokenizeRequest\x1a\x1c.prompt_ide.TokenizeResponse\x12i\n\x17TokenizeAndSampleTokens\x12*.prompt_ide.TokenizeAndSampleTokensRequest\x1a .prompt_ide.SampleTokensResponse0\x01\x12L\n\x0eGetTokenBudget\x12!.prompt_ide.GetTokenBudgetRequest\x1a\x17.prompt_ide.TokenBudget\x12P\n\x10ListTransactions\x12\x16.google.protobuf.Empty\x1a$.prompt_ide.ListTransactionsResponse\x12\x44\n\nListModels\x12\x16.google.protobuf.Empty\x1a\x1e.prompt_ide.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprompt_ide/sampler_public.proto\x12\nprompt_ide\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\x13SampleTokensRequest\x12\x12\n\x06prompt\x18\x01 \x03(\rB\x02\x18\x01\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.prompt_ide.SampleSettings\x12\x18\n\x10return_attention\x18\x04 \x01(\x08\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\'\n\x06inputs\x18\x07 \x03(\x0b\x32\x17.prompt_ide.PromptInputJ\x04\x08\x03\x10\x04J\x04\x08\x06\x10\x07\"\x82\x01\n\x0bPromptInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0cimage_base64\x18\x03 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.prompt_ide.TokenIdsH\x00\x42\t\n\x07payload\"\x1a\n\x08TokenIds\x12\x0e\n\x06tokens\x18\x01 \x03(\r\"\xd8\x03\n\x0eSampleSettings\x12\x0f\n\x07max_len\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x11\n\tnucleus_p\x18\x03 \x01(\x02\x12\x13\n\x0bstop_tokens\x18\x04 \x03(\t\x12\x10\n\x08rng_seed\x18\x05 \x01(\x04\x12.\n\x0e\x61llowed_tokens\x18\x06 \x03(\x0b\x32\x16.prompt_ide.InputToken\x12\x14\n\x0cstop_strings\x18\x07 \x03(\t\x12\x31\n\x11\x64isallowed_tokens\x18\x08 \x03(\x0b\x32\x16.prompt_ide.InputToken\x12\x12\n\x05top_k\x18\x64 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0e\x66ull_attention\x18\x65 \x01(\x08\x12\x14\n\x0cscore_prompt\x18\x66 \x01(\x08\x12\x18\n\x0bstop_at_eos\x18g \x01(\x08H\x01\x88\x01\x01\x12\x1e\n\x11temperature_exact\x18h \x01(\x01H\x02\x88\x01\x01\x12\x1c\n\x0fnucleus_p_exact\x18i \x01(\x01H\x03\x88\x01\x01\x12\x0f\n\x07prefill\x18j \x01(\tB\x08\n\x06_top_kB\x0e\n\x0c_stop_at_eosB\x14\n\x12_temperature_exactB\x12\n\x10_nucleus_p_exact\"A\n\nInputToken\x12\x16\n\x0cstring_token\x18\x01 \x01(\tH\x00\x12\x12\n\x08token_id\x18\x02 \x01(\rH\x00\x42\x07\n\x05token\"\xd7\x01\n\x14SampleTokensResponse\x12\"\n\x05token\x18\x01 \x01(\x0b\x32\x11.prompt_ide.TokenH\x00\x12)\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x17.prompt_ide.TokenBudgetH\x00\x12\x33\n\x0btransaction\x18\x04 \x01(\x0b\x32\x1c.prompt_ide.TokenTransactionH\x00\x12)\n\x07summary\x18\x64 \x01(\x0b\x32\x16.prompt_ide.RunSummaryH\x00\x42\n\n\x08responseJ\x04\x08\x03\x10\x04\"\x90\x02\n\x05Token\x12&\n\x0b\x66inal_logit\x18\x01 \x01(\x0b\x32\x11.prompt_ide.Logit\x12)\n\ntoken_type\x18\x03 \x01(\x0e\x32\x15.prompt_ide.TokenType\x12 \n\x05top_k\x18\x04 \x03(\x0b\x32\x11.prompt_ide.Logit\x12\x11\n\tattention\x18\x05 \x03(\x02\x12\x14\n\x07\x65ntropy\x18\x64 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08position\x18\x65 \x01(\x05H\x01\x88\x01\x01\x12\x33\n\x0e\x66ull_attention\x18\x66 \x01(\x0b\x32\x1b.prompt_ide.AttentionTensorB\n\n\x08_entropyB\x0b\n\t_positionJ\x04\x08\x02\x10\x03\"\xc7\x01\n\x05Logit\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x14\n\x0cstring_token\x18\x02 \x01(\t\x12\x0c\n\x04prob\x18\x03 \x01(\x02\x12\x17\n\nprob_exact\x18\x64 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08raw_prob\x18\x65 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07logprob\x18\x66 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04rank\x18g \x01(\x05H\x03\x88\x01\x01\x42\r\n\x0b_prob_exactB\x0b\n\t_raw_probB\n\n\x08_logprobB\x07\n\x05_rank\"I\n\x0f\x41ttentionTensor\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x11\n\tnum_heads\x18\x02 \x01(\x05\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\xb8\x01\n\nRunSummary\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14num_generated_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\nstop_match\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05notes\x18\x06 \x03(\t\x12\x0f\n\x07prefill\x18\x64 \x01(\tB\r\n\x0b_stop_match\"3\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\"5\n\x10TokenizeResponse\x12!\n\x06tokens\x18\x01 \x03(\x0b\x32\x11.prompt_ide.Token\"\x90\x01\n\x1eTokenizeAndSampleTokensRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x08settings\x18\x02 \x01(\x0b\x32\x1a.prompt_ide.SampleSettings\x12\x18\n\x10return_attention\x18\x04 \x01(\x08\x12\x12\n\nmodel_name\x18\x05 \x01(\tJ\x04\x08\x03\x10\x04\"\xee\x01\n\x10TokenTransaction\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\x05\x12\x1c\n\x14num_generated_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x63ost_multiplier\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10transaction_type\x18\x05 \x01(\t\x12\x16\n\x0etransaction_id\x18\x06 \x01(\t\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x11\n\tconfirmed\x18\x08 \x01(\x08\"1\n\x15GetTokenBudgetRequest\x12\x18\n\x10transaction_type\x18\x01 \x01(\t\"g\n\x0bTokenBudget\x12\x13\n\x0btoken_limit\x18\x01 \x01(\x05\x12\x14\n\x0ctokens_spent\x18\x02 \x01(\x05\x12\x15\n\rrequest_limit\x18\x03 \x01(\x05\x12\x16\n\x0erequests_spent\x18\x04 \x01(\x05\"N\n\x18ListTransactionsResponse\x12\x32\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1c.prompt_ide.TokenTransaction\")\n\x12ListModelsResponse\x12\x13\n\x0bmodel_names\x18\x01 \x03(\t*-\n\tTokenType\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04USER\x10\x01\x12\t\n\x05MODEL\x10\x02\x32\xf6\x03\n\x07Sampler\x12S\n\x0cSampleTokens\x12\x1f.prompt_ide.SampleTokensRequest\x1a .prompt_ide.SampleTokensResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.prompt_ide.TokenizeRequest\x1a\x1c.prompt_ide.TokenizeResponse\x12i\n\x17TokenizeAndSampleTokens\x12*.prompt_ide.TokenizeAndSampleTokensRequest\x1a .prompt_ide.SampleTokensResponse0\x01\x12L\n\x0eGetTokenBudget\x12!.prompt_ide.GetTokenBudgetRequest\x1a\x17.prompt_ide.TokenBudget\x12P\n\x10ListTransactions\x12\x16.google.protobuf.Empty\x1a$.prompt_ide.ListTransactionsResponse\x12\x44\n\nListModels\x12\x16.google.protobuf.Empty\x1a\x1e.prompt_ide.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLETOKENSREQUEST'].fields_by_name['prompt']._loaded_options = None
   _globals['_SAMPLETOKENSREQUEST'].fields_by_name['prompt']._serialized_options = b'\030\001'
-  _globals['_TOKENTYPE']._serialized_start=2699
-  _globals['_TOKENTYPE']._serialized_end=2744
+  _globals['_TOKENTYPE']._serialized_start=2733
+  _globals['_TOKENTYPE']._serialized_end=2778
   _globals['_SAMPLETOKENSREQUEST']._serialized_start=110
   _globals['_SAMPLETOKENSREQUEST']._serialized_end=296
   _globals['_PROMPTINPUT']._serialized_start=299
@@ -44,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=431
   _globals['_TOKENIDS']._serialized_end=457
   _globals['_SAMPLESETTINGS']._serialized_start=460
-  _globals['_SAMPLESETTINGS']._serialized_end=915
-  _globals['_INPUTTOKEN']._serialized_start=917
-  _globals['_INPUTTOKEN']._serialized_end=982
-  _globals['_SAMPLETOKENSRESPONSE']._serialized_start=985
-  _globals['_SAMPLETOKENSRESPONSE']._serialized_end=1200
-  _globals['_TOKEN']._serialized_start=1203
-  _globals['_TOKEN']._serialized_end=1475
-  _globals['_LOGIT']._serialized_start=1478
-  _globals['_LOGIT']._serialized_end=1677
-  _globals['_ATTENTIONTENSOR']._serialized_start=1679
-  _globals['_ATTENTIONTENSOR']._serialized_end=1752
-  _globals['_RUNSUMMARY']._serialized_start=1755
-  _globals['_RUNSUMMARY']._serialized_end=1922
-  _globals['_TOKENIZEREQUEST']._serialized_start=1924
-  _globals['_TOKENIZEREQUEST']._serialized_end=1975
-  _globals['_TOKENIZERESPONSE']._serialized_start=1977
-  _globals['_TOKENIZERESPONSE']._serialized_end=2030
-  _globals['_TOKENIZEANDSAMPLETOKENSREQUEST']._serialized_start=2033
-  _globals['_TOKENIZEANDSAMPLETOKENSREQUEST']._serialized_end=2177
-  _globals['_TOKENTRANSACTION']._serialized_start=2180
-  _globals['_TOKENTRANSACTION']._serialized_end=2418
-  _globals['_GETTOKENBUDGETREQUEST']._serialized_start=2420
-  _globals['_GETTOKENBUDGETREQUEST']._serialized_end=2469
-  _globals['_TOKENBUDGET']._serialized_start=2471
-  _globals['_TOKENBUDGET']._serialized_end=2574
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=2576
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=2654
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2656
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2697
-  _globals['_SAMPLER']._serialized_start=2747
-  _globals['_SAMPLER']._serialized_end=3249
+  _globals['_SAMPLESETTINGS']._serialized_end=932
+  _globals['_INPUTTOKEN']._serialized_start=934
+  _globals['_INPUTTOKEN']._serialized_end=999
+  _globals['_SAMPLETOKENSRESPONSE']._serialized_start=1002
+  _globals['_SAMPLETOKENSRESPONSE']._serialized_end=1217
+  _globals['_TOKEN']._serialized_start=1220
+  _globals['_TOKEN']._serialized_end=1492
+  _globals['_LOGIT']._serialized_start=1495
+  _globals['_LOGIT']._serialized_end=1694
+  _globals['_ATTENTIONTENSOR']._serialized_start=1696
+  _globals['_ATTENTIONTENSOR']._serialized_end=1769
+  _globals['_RUNSUMMARY']._serialized_start=1772
+  _globals['_RUNSUMMARY']._serialized_end=1956
+  _globals['_TOKENIZEREQUEST']._serialized_start=1958
+  _globals['_TOKENIZEREQUEST']._serialized_end=2009
+  _globals['_TOKENIZERESPONSE']._serialized_start=2011
+  _globals['_TOKENIZERESPONSE']._serialized_end=2064
+  _globals['_TOKENIZEANDSAMPLETOKENSREQUEST']._serialized_start=2067
+  _globals['_TOKENIZEANDSAMPLETOKENSREQUEST']._serialized_end=2211
+  _globals['_TOKENTRANSACTION']._serialized_start=2214
+  _globals['_TOKENTRANSACTION']._serialized_end=2452
+  _globals['_GETTOKENBUDGETREQUEST']._serialized_start=2454
+  _globals['_GETTOKENBUDGETREQUEST']._serialized_end=2503
+  _globals['_TOKENBUDGET']._serialized_start=2505
+  _globals['_TOKENBUDGET']._serialized_end=2608
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=2610
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=2688
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2690
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2731
+  _globals['_SAMPLER']._serialized_start=2781
+  _globals['_SAMPLER']._serialized_end=3283
 # @@protoc_insertion_point(module_scope)

@@ -53,7 +53,7 @@ class TokenIds(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SampleSettings(_message.Message):
-    __slots__ = ("max_len", "temperature", "nucleus_p", "stop_tokens", "rng_seed", "allowed_tokens", "stop_strings", "disallowed_tokens", "top_k", "full_attention", "score_prompt", "stop_at_eos", "temperature_exact", "nucleus_p_exact")
+    __slots__ = ("max_len", "temperature", "nucleus_p", "stop_tokens", "rng_seed", "allowed_tokens", "stop_strings", "disallowed_tokens", "top_k", "full_attention", "score_prompt", "stop_at_eos", "temperature_exact", "nucleus_p_exact", "prefill")
     MAX_LEN_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     NUCLEUS_P_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class SampleSettings(_message.Message):
     STOP_AT_EOS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_EXACT_FIELD_NUMBER: _ClassVar[int]
     NUCLEUS_P_EXACT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
     max_len: int
     temperature: float
     nucleus_p: float
@@ -82,7 +83,8 @@ class SampleSettings(_message.Message):
     stop_at_eos: bool
     temperature_exact: float
     nucleus_p_exact: float
-    def __init__(self, max_len: _Optional[int] = ..., temperature: _Optional[float] = ..., nucleus_p: _Optional[float] = ..., stop_tokens: _Optional[_Iterable[str]] = ..., rng_seed: _Optional[int] = ..., allowed_tokens: _Optional[_Iterable[_Union[InputToken, _Mapping]]] = ..., stop_strings: _Optional[_Iterable[str]] = ..., disallowed_tokens: _Optional[_Iterable[_Union[InputToken, _Mapping]]] = ..., top_k: _Optional[int] = ..., full_attention: _Optional[bool] = ..., score_prompt: _Optional[bool] = ..., stop_at_eos: _Optional[bool] = ..., temperature_exact: _Optional[float] = ..., nucleus_p_exact: _Optional[float] = ...) -> None: ...
+    prefill: str
+    def __init__(self, max_len: _Optional[int] = ..., temperature: _Optional[float] = ..., nucleus_p: _Optional[float] = ..., stop_tokens: _Optional[_Iterable[str]] = ..., rng_seed: _Optional[int] = ..., allowed_tokens: _Optional[_Iterable[_Union[InputToken, _Mapping]]] = ..., stop_strings: _Optional[_Iterable[str]] = ..., disallowed_tokens: _Optional[_Iterable[_Union[InputToken, _Mapping]]] = ..., top_k: _Optional[int] = ..., full_attention: _Optional[bool] = ..., score_prompt: _Optional[bool] = ..., stop_at_eos: _Optional[bool] = ..., temperature_exact: _Optional[float] = ..., nucleus_p_exact: _Optional[float] = ..., prefill: _Optional[str] = ...) -> None: ...
 
 class InputToken(_message.Message):
     __slots__ = ("string_token", "token_id")
@@ -151,20 +153,22 @@ class AttentionTensor(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RunSummary(_message.Message):
-    __slots__ = ("model_name", "num_prompt_tokens", "num_generated_tokens", "finish_reason", "stop_match", "notes")
+    __slots__ = ("model_name", "num_prompt_tokens", "num_generated_tokens", "finish_reason", "stop_match", "notes", "prefill")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STOP_MATCH_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     num_prompt_tokens: int
     num_generated_tokens: int
     finish_reason: str
     stop_match: str
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., stop_match: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    prefill: str
+    def __init__(self, model_name: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., stop_match: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., prefill: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "model_name")
