@@ -116,24 +116,36 @@ def test_client_speaks_every_rpc(wire_server) -> None:
     assert streamed_budget == budget and txs[-1].num_generated_tokens == 3
 
 
-def test_prefill_travels_both_ways(wire_server) -> None:
+def test_prefill_travels_both_ways(wire_server, engine) -> None:
     """A run asks for its prefill by name over the wire; the summary says what it got (an
-    exact prefill for a short prompt), and a mode the server does not know is refused by name."""
+    exact prefill for a short prompt). A mode the server does not know, or cannot run (the
+    fixed-point modes need the packed CPU path), is refused by name."""
+    from sampler_core.engine import packed
+
+    kernel = packed.kernel()
+    runs_fixed16 = (engine.device.type == "cpu" and kernel is not None
+                    and bool(kernel.prefill_supported()))
     long_text = "The history of the printing press begins in the fifteenth century. " * 4
-    channel, stub = wire_server.stub()
-    with channel:
-        long = list(stub.SampleTokens(sample_request(long_text, max_len=2, prefill="fixed16"),
-                                      timeout=120))
-        short = list(stub.SampleTokens(sample_request(max_len=2, prefill="fixed16"), timeout=120))
-        try:
-            list(stub.SampleTokens(sample_request(max_len=2, prefill="int8"), timeout=120))
-        except grpc.RpcError as exc:
-            refused = exc
-    summary = next(r.summary for r in long if r.WhichOneof("response") == "summary")
-    assert summary.prefill == "fixed16" and any(n.startswith("prefill fixed16:")
-                                                for n in summary.notes)
-    assert next(r.summary for r in short if r.WhichOneof("response") == "summary").prefill == \
-        "float32"
+
+    def summary_or_error(**settings: Any) -> pb.RunSummary | grpc.RpcError:
+        channel, stub = wire_server.stub()
+        with channel:
+            try:
+                responses = list(stub.SampleTokens(sample_request(**settings), timeout=120))
+            except grpc.RpcError as exc:
+                return exc
+        return next(r.summary for r in responses if r.WhichOneof("response") == "summary")
+
+    long = summary_or_error(text=long_text, max_len=2, prefill="fixed16")
+    if runs_fixed16:
+        assert long.prefill == "fixed16" and any(n.startswith("prefill fixed16:")
+                                                 for n in long.notes)
+        assert summary_or_error(max_len=2, prefill="fixed16").prefill == "float32"
+    else:
+        assert long.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "prefill 'fixed16' needs packed weights on a CPU" in long.details()
+    assert summary_or_error(max_len=2).prefill == "float32"
+    refused = summary_or_error(max_len=2, prefill="int8")
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prefill must be one of float32, fixed16, fast" in refused.details()
     assert "'int8'" in refused.details()
