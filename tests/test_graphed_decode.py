@@ -84,6 +84,25 @@ def test_half_turn_is_the_rotary_half_rotation_exactly(engine, reference) -> Non
     assert torch.equal(x @ static._half_turn, torch.cat((-x[:, half:], x[:, :half]), dim=-1))
 
 
+def test_a_runs_graph_does_not_keep_its_cache_alive(engine, reference) -> None:
+    """The cache holds its captured steps; they must not hold the cache back (a reference
+    cycle would keep a finished run's GPU memory until the garbage collector ran)."""
+    import gc
+    import weakref
+
+    runner = FastLlama(reference)
+    cache = KVCache(*(torch.zeros(runner.num_layers, runner.num_kv, 8, runner.head_dim)
+                      for _ in range(2)))
+    cache.graphs[True] = StaticDecode(runner, cache, attention=True)
+    gone = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_cuda_graphs_switch_is_validated(monkeypatch) -> None:
     from sampler_core.engine.devices import CUDA_GRAPHS_ENV, cuda_graphs_enabled
     from sampler_core.errors import InvalidSettings

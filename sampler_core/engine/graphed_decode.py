@@ -42,7 +42,9 @@ class StaticDecode:
     def __init__(self, runner: "FastLlama", cache: "KVCache", attention: bool) -> None:
         capacity = cache.keys.shape[2]
         device = cache.keys.device
-        self.runner, self.cache = runner, cache
+        # The cache's tensors, not the cache: the cache keeps this object (``KVCache.graphs``),
+        # and no reference cycle may hold a run's GPU memory until the garbage collector runs.
+        self.runner, self._keys, self._values = runner, cache.keys, cache.values
         #: What a replay reads: the new token's id and its position.
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
@@ -64,7 +66,7 @@ class StaticDecode:
     def step(self) -> torch.Tensor:
         """The new position through the model, read from ``token`` and ``position``; returns
         logits ``[1, vocab]`` and fills ``rows``."""
-        r, cache = self.runner, self.cache
+        r = self.runner
         rotated = r.q_size + r.kv_size  # queries and keys, side by side in each q/k/v row
         x = r.embed.index_select(0, self.token)  # [1, hidden]
         cos = self._cos.index_select(0, self.position)  # [1, head_dim]
@@ -76,7 +78,7 @@ class StaticDecode:
             qkv = F.linear(self._norm(x, w_in), w_qkv)
             qk = qkv[:, :rotated].view(-1, r.head_dim)  # [head + kv_head, head_dim]
             qk = torch.addcmul(qk * cos, qk @ self._half_turn, sin)
-            keys, values = cache.keys[index], cache.values[index]  # [kv_head, capacity, dim]
+            keys, values = self._keys[index], self._values[index]  # [kv_head, capacity, dim]
             keys.index_copy_(1, self.position, qk[r.num_heads:].unsqueeze(1))
             values.index_copy_(1, self.position, qkv[:, rotated:].view(r.num_kv, 1, r.head_dim))
             weights = torch.softmax(torch.baddbmm(
