@@ -42,7 +42,8 @@ class Plan:
     notes: tuple[str, ...]
     #: Engine-specific prompt data beyond the ids (a vision engine's prepared images).
     extra: Any = None
-    #: How the prompt's forward computes (``settings.PREFILL_MODES``), resolved for this run.
+    #: How the prompt's forward computes (``settings.PREFILL_MODES``), resolved for this run:
+    #: float32 for a prompt short enough for the packed (exact) path whatever was asked.
     prefill: str = "float32"
 
 
@@ -248,8 +249,9 @@ class CausalLMEngine:
 
     def _prefill_mode(self, requested: str, prompt_length: int, notes: list[str]) -> str:
         """The run's prefill mode: the one asked for, else the engine's default. A mode this
-        engine cannot run is refused; an inexact one is noted when the prompt is long enough
-        for it to apply, so the run carries its label into history and comparisons."""
+        engine cannot run is refused; an inexact one applies to prompts over
+        ``PACKED_MAX_STEPS`` tokens only, and is then noted, so the run carries its label into
+        history and comparisons."""
         runner = self._fast
         mode = requested or (runner.prefill_mode if runner is not None else "float32")
         if mode == "float32":
@@ -261,8 +263,9 @@ class CausalLMEngine:
             runner.check_prefill(mode)
         except ValueError as exc:
             raise InvalidSettings(str(exc), field="prefill", value=mode) from exc
-        if prompt_length > PACKED_MAX_STEPS:
-            notes.append(INEXACT_PREFILL_NOTES[mode])
+        if prompt_length <= PACKED_MAX_STEPS:
+            return "float32"
+        notes.append(INEXACT_PREFILL_NOTES[mode])
         return mode
 
     def start(self, parts: Sequence[PromptPart], settings: SampleSettings,
@@ -404,9 +407,7 @@ class CausalLMEngine:
                 last = logits[-1]
         yield RunSummary(model_name=self.name, num_prompt_tokens=len(plan.prompt_ids),
                          num_generated_tokens=len(generated), finish_reason=finish,
-                         stop_match=match, notes=plan.notes,
-                         prefill=plan.prefill if len(plan.prompt_ids) > PACKED_MAX_STEPS
-                         else "float32")
+                         stop_match=match, notes=plan.notes, prefill=plan.prefill)
 
     def _stop_string(self, generated: list[int], stop_strings: tuple[str, ...]) -> str | None:
         """The first stop string the generated text now contains, if any."""
