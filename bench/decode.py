@@ -92,8 +92,8 @@ def time_generate(engine: Any, ids: list[int], new: int) -> tuple[float, float]:
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = engine.model.generate(torch.tensor([ids], device=engine.device), do_sample=True, temperature=1.0,
-                                    top_p=0.95, top_k=0, max_new_tokens=new, min_new_tokens=new,
+        out = engine.model.generate(torch.tensor([ids], device=engine.device), do_sample=True,
+                                    temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=new, min_new_tokens=new,
                                     output_scores=True, return_dict_in_generate=True,
                                     streamer=clock, pad_token_id=engine.eos_id)
     if len(out.scores) != new:

@@ -99,6 +99,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_from_args(args)
 
 
+def _add_device_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--device", default=None,
+                         help="auto (a GPU when there is one), cpu, cuda or cuda:N; "
+                              "default $PROMPT_IDE_DEVICE, else auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sampler-core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,17 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "prompt's forward; default: $PROMPT_IDE_PREFILL, else float32")
     sample.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     sample.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sample.add_argument("--device", default=None,
-                        help="auto (a GPU when there is one), cpu, cuda or cuda:N; "
-                             "default $PROMPT_IDE_DEVICE, else auto")
+    _add_device_option(sample)
     sample.set_defaults(func=cmd_sample)
 
     tokenize = sub.add_parser("tokenize", help="print a text's tokens")
     tokenize.add_argument("text")
     tokenize.add_argument("--model", default="")
-    tokenize.add_argument("--device", default=None,
-                        help="auto (a GPU when there is one), cpu, cuda or cuda:N; "
-                             "default $PROMPT_IDE_DEVICE, else auto")
+    _add_device_option(tokenize)
     tokenize.set_defaults(func=cmd_tokenize)
 
     models = sub.add_parser("models", help="list the known models")
@@ -145,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_arguments = None
     if add_serve_arguments is not None:
         add_serve_arguments(serve)
-    serve.add_argument("--device", default=None,
-                        help="auto (a GPU when there is one), cpu, cuda or cuda:N; "
-                             "default $PROMPT_IDE_DEVICE, else auto")
+    _add_device_option(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -377,9 +377,7 @@ class FastLlama:
         lib = self._kernel
         lib.pool_threads(torch.get_num_threads())  # as many as torch uses, if changed since
         x = x.clone()  # updated in place
-        start, capacity = cache.length, cache.keys.shape[2]
-        if start >= capacity:
-            raise ValueError(f"the KV cache holds {capacity} positions; position {start} is past it")
+        start, capacity = self._next_position(cache), cache.keys.shape[2]
         cos, sin = self._rotary(start, start + 1)
         model = ctypes.byref(self._decode_model)
         scratch = torch.empty(lib.decode_scratch_floats(model, start + 1))
@@ -391,13 +389,19 @@ class FastLlama:
         cache.length = start + 1
         return logits
 
+    @staticmethod
+    def _next_position(cache: KVCache) -> int:
+        """Where a decode step writes: the cache's length, refused when the cache is full."""
+        start, capacity = cache.length, cache.keys.shape[2]
+        if start >= capacity:
+            raise ValueError(f"the KV cache holds {capacity} positions; position {start} is past it")
+        return start
+
     def _decode_graphed(self, input_ids: torch.Tensor, cache: KVCache, attention: bool
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One new position by replaying this run's captured CUDA graph (captured on its first
         decode step); returns copies, as the next replay overwrites the graph's outputs."""
-        start, capacity = cache.length, cache.keys.shape[2]
-        if start >= capacity:
-            raise ValueError(f"the KV cache holds {capacity} positions; position {start} is past it")
+        start = self._next_position(cache)
         static = cache.graphs.get(attention)
         if static is None:
             static = cache.graphs[attention] = StaticDecode(self, cache, attention)

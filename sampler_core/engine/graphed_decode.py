@@ -16,8 +16,8 @@ Inside a graph the cost is the number of kernels (each a few microseconds howeve
 the step fuses where torch offers it: one RMSNorm kernel (``F.rms_norm``); rotary for queries
 and keys together, its half rotation as a product with a fixed +-1 permutation matrix (exact:
 every other term is a zero); the attention scale and the mask folded into the scores' product
-(``baddbmm``); the residual adds into the output projections (``addmm``). That is 17 kernels
-a layer instead of 38. The float32 values agree with the runner's loop to rounding (the
+(``baddbmm``); the residual adds into the output projections (``addmm``). That is about 20
+kernels a layer instead of 38 (609 a step, measured on an H100). The float32 values agree with the runner's loop to rounding (the
 tests compare them on the CPU); only the softmax and the weighted sum run over more (zero)
 terms.
 
