@@ -159,6 +159,26 @@ def test_contexts_beyond_the_kernels_limit_decode_through_the_loop(fast, monkeyp
                for x, y in zip(a.attn_weights, b.attn_weights)) < 1e-5
 
 
+def test_decode_of_a_token_equals_forward_on_it(fast) -> None:
+    """``decode`` (the step loop's lean call: the embedding row copied into a per-run buffer)
+    gives what ``forward`` on the same id gives, bit for bit: logits, attention, cache."""
+    runner = fast._fast
+    ids = fast.encode(PROMPTS[4])
+    caches = [runner.new_cache(len(ids) + 8) for _ in range(2)]
+    for cache in caches:
+        runner.forward(torch.tensor(ids), cache)
+    for token in (ids[-1], 0, fast.vocab_size - 1, 42):
+        lean, lean_rows = runner.decode(token, caches[0], attention=True)
+        full, full_rows = runner.forward(torch.tensor([token]), caches[1], attention=True)
+        assert torch.equal(lean, full) and torch.equal(lean_rows, full_rows)
+    assert caches[0].length == caches[1].length == len(ids) + 4
+    assert torch.equal(caches[0].keys[:, :, :len(ids) + 4], caches[1].keys[:, :, :len(ids) + 4])
+    assert torch.equal(caches[0].values[:, :, :len(ids) + 4],
+                       caches[1].values[:, :, :len(ids) + 4])
+    with pytest.raises(ValueError, match=f"token id {fast.vocab_size} is outside the vocabulary"):
+        runner.decode(fast.vocab_size, caches[0])
+
+
 def test_weights_mode_is_validated(monkeypatch) -> None:
     from sampler_core.engine.packed import weights_mode
 

@@ -287,10 +287,13 @@ class CausalLMEngine:
         if isinstance(cache, KVCache):
             embeds = inputs["inputs_embeds"][0] if inputs is not None else None
             with self._steps:  # one forward at a time, in arrival order: runs interleave fairly
-                logits, rows = self._fast.forward(
-                    torch.tensor(list(ids), device=self.device) if embeds is None else None,
-                    cache, inputs_embeds=embeds, all_logits=all_logits, attention=attention,
-                    prefill=prefill)
+                if embeds is None and len(ids) == 1:  # a decode step: the leanest call
+                    logits, rows = self._fast.decode(ids[0], cache, attention=attention)
+                else:
+                    logits, rows = self._fast.forward(
+                        torch.tensor(list(ids), device=self.device) if embeds is None else None,
+                        cache, inputs_embeds=embeds, all_logits=all_logits, attention=attention,
+                        prefill=prefill)
             # The vocabulary math and the seeded generator live on the CPU (a no-op there).
             return logits.cpu(), None if rows is None else rows.cpu()
         model_inputs = ({k: v.to(self.device) for k, v in inputs.items()} if inputs is not None
