@@ -265,8 +265,9 @@ static void rows_times_block_rows(int kind, const float* x, int rows, int K, con
 }
 
 enum { CHUNK = 32 };
-/* A product's chunks: at most this many, the last ones no smaller than CHUNK rows. */
-enum { MAX_CHUNKS = 64 };
+/* A product's chunks: at most this many (~200 for the output head on 16 threads; past the cap
+ * the last chunk takes the rows left), the last ones no smaller than CHUNK rows. */
+enum { MAX_CHUNKS = 1024 };
 /* Each chunk takes 1 / (SHARE * threads) of the rows left: the first as large as the equal
  * chunks used before (an eighth, on two threads), so a worker that stops running holds up no
  * more than it did. */
