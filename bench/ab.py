@@ -1,0 +1,112 @@
+"""Decode speed of this checkout against another one (say, a ``git worktree`` of an earlier
+commit), interleaved run by run so that the machine's drift hits both alike.
+
+Each checkout's engine runs in its own process (its own kernel build, its own Python code);
+the two take turns, one 128-token run each, alternating which goes first. Reports each side's
+median tokens/s and the median of the per-pair ratios (this checkout / the other), for the
+engine plain and with top-k 20 and attention. The last line is one JSON object.
+
+    git worktree add /tmp/base <commit>
+    python bench/ab.py /tmp/base [--reps 12] [--prompt-tokens 200] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = {"plain": {"top_k": 0}, "topk_attn": {"top_k": 20, "return_attention": True}}
+
+
+def worker(prompt_tokens: int, new_tokens: int) -> None:
+    """Serve timed runs of the checkout this process imports: one JSON settings object per
+    line in, one ``{"tok_s": ...}`` per line out."""
+    sys.path.insert(0, str(Path.cwd() / "bench"))  # the checkout's own helpers
+    from decode import prompt_ids, time_engine
+    from sampler_core.engine import get_engine
+
+    engine = get_engine()
+    ids = prompt_ids(engine, prompt_tokens)
+    time_engine(engine, ids, 16, top_k=0)  # build and warm up before the first timed run
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        tok_s, _ = time_engine(engine, ids, new_tokens, **json.loads(line))
+        print(json.dumps({"tok_s": tok_s}), flush=True)
+
+
+def start(checkout: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
+    """A worker process importing ``checkout``'s sampler_core and bench helpers."""
+    env = dict(os.environ, PYTHONPATH=str(checkout), HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--worker", "--prompt-tokens", str(args.prompt_tokens),
+         "--new-tokens", str(args.new_tokens)],
+        cwd=checkout, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if json.loads(_line(process.stdout)) != {"ready": True}:
+        raise RuntimeError(f"the worker for {checkout} did not start")
+    return process
+
+
+def _line(stream: IO[str] | None) -> str:
+    line = stream.readline() if stream is not None else ""
+    if not line:
+        raise RuntimeError("a worker exited early")
+    return line
+
+
+def _timed_run(process: subprocess.Popen[str], settings: dict[str, object]) -> float:
+    """One run's decode tokens/s from a worker."""
+    if process.stdin is None:
+        raise RuntimeError("a worker has no input pipe")
+    process.stdin.write(json.dumps(settings) + "\n")
+    process.stdin.flush()
+    return float(json.loads(_line(process.stdout))["tok_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("other", nargs="?", type=Path, help="the checkout to compare against")
+    parser.add_argument("--reps", type=int, default=12)
+    parser.add_argument("--prompt-tokens", type=int, default=200)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.prompt_tokens, args.new_tokens)
+        return
+    if args.other is None or not (args.other / "sampler_core").is_dir():
+        parser.error(f"other must be a checkout of this project, got {args.other}")
+    sides = {"this": start(HERE.parent, args), "other": start(args.other.resolve(), args)}
+    results: dict[tuple[str, str], list[float]] = {(s, c): [] for s in sides for c in CONFIGS}
+    try:
+        for rep in range(args.reps):
+            for name, settings in CONFIGS.items():
+                order = ("this", "other") if rep % 2 == 0 else ("other", "this")
+                for side in order:
+                    results[(side, name)].append(_timed_run(sides[side], settings))
+    finally:
+        for process in sides.values():
+            if process.stdin is not None:
+                process.stdin.close()
+            process.wait()
+    report = {"other": str(args.other), "prompt_tokens": args.prompt_tokens,
+              "new_tokens": args.new_tokens, "reps": args.reps}
+    for name in CONFIGS:
+        this, other = results[("this", name)], results[("other", name)]
+        ratio = statistics.median(a / b for a, b in zip(this, other))
+        print(f"{name}: this {statistics.median(this):.1f} tok/s, other "
+              f"{statistics.median(other):.1f} tok/s, per-pair ratio {ratio:.3f}")
+        report[name] = {"this_tok_s": round(statistics.median(this), 2),
+                        "other_tok_s": round(statistics.median(other), 2),
+                        "ratio": round(ratio, 3)}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
