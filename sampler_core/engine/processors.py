@@ -100,41 +100,44 @@ class Nucleus:
             return logits
         probs = torch.softmax(logits, dim=-1)
         # Sorting the whole vocabulary is slow (~3.5 ms for 49k here): often the most likely
-        # token alone reaches p, else select the nucleus by buckets.
+        # token alone reaches p (then fill the vocabulary and copy one logit), else select the
+        # nucleus by buckets.
         best = argmax(probs)
-        kept = (torch.tensor([best]) if float(probs[best]) >= self.p
-                else _nucleus_by_buckets(probs, self.p))
-        # Everything else -inf: filling the vocabulary and copying the few kept logits is ~10x
-        # cheaper than a vocabulary-sized mask.
-        out = torch.full_like(logits, -math.inf)
-        out[kept] = logits[kept]
-        return out
+        if float(probs[best]) >= self.p:
+            out = torch.full_like(logits, -math.inf)
+            out[best] = logits[best]
+            return out
+        return torch.where(_nucleus_mask(probs, self.p), logits, -math.inf)
 
 
-def _nucleus_by_buckets(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """The ids of the nucleus of mass ``p``, as sorting ``probs`` would give, without the sort.
+def _nucleus_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Which tokens the nucleus of mass ``p`` holds, as sorting ``probs`` would give, without
+    the sort.
 
     Non-negative floats order like their bit patterns, so the top 14 bits (sign, exponent and
     5 mantissa bits) put every probability in one of 8,192 ordered buckets, each 1/32 of a
     power of two wide. The mass of each bucket (one bincount) says which buckets lie wholly
     inside the nucleus and which one it ends in; only that bucket's entries are sorted.
-    ~0.3 ms against ~3.5 ms for a sort, in arrays small enough to stay off fresh pages.
+    In numpy on a view of the tensor: its passes over the vocabulary (compare, nonzero) take
+    5-12 us where torch's take 25-80, and a mask spares gathering thousands of kept ids
+    (~220 us a call against 280-970 for the same selection in torch ops, by nucleus size).
     """
     buckets = 1 << 13
-    keys = probs.contiguous().view(torch.int32) >> 18
-    mass = torch.bincount(keys, weights=probs, minlength=buckets)
-    mass_from_top = mass.double().flip(0).cumsum(0)
+    values = probs.contiguous().numpy()
+    keys = values.view(np.int32) >> 18
+    mass_from_top = np.cumsum(np.bincount(keys, weights=values, minlength=buckets)[::-1])
     # The first bucket, from the top, whose mass brings the total to p.
-    reached = min(int(torch.searchsorted(mass_from_top, p)), buckets - 1)
+    reached = min(int(np.searchsorted(mass_from_top, p)), buckets - 1)
     boundary = buckets - 1 - reached
     before = float(mass_from_top[reached - 1]) if reached > 0 else 0.0
-    candidates = (keys >= boundary).nonzero().flatten()
-    inside = keys[candidates] == boundary
-    values, order = torch.sort(probs[candidates[inside]], descending=True)
+    inside = np.flatnonzero(keys == boundary)
+    order = np.argsort(-values[inside], kind="stable")
+    ranked = values[inside][order].astype(np.float64)
     # In the boundary bucket, keep a token while the mass before it is below p (so its first
     # token always stays: ``before`` is below p by the choice of the bucket).
-    keep = (before + values.double().cumsum(0) - values.double()) < p
-    return torch.cat([candidates[~inside], candidates[inside][order[keep]]])
+    mask = keys > boundary
+    mask[inside[order[(before + np.cumsum(ranked) - ranked) < p]]] = True
+    return torch.from_numpy(mask)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
