@@ -64,18 +64,19 @@ def test_nucleus_selection_equals_a_full_sort() -> None:
     """The one-token shortcut and the bucket selection keep exactly what a full sort keeps."""
     generator = torch.Generator().manual_seed(0)
     fallbacks = 0
-    for case in range(120):
+    for case in range(300):
         size = 49152 if case % 3 == 0 else 5000
         logits = torch.randn(size, generator=generator) * [0.1, 1.0, 5.0, 20.0][case % 4]
         p = [0.05, 0.5, 0.9, 0.95, 0.999][case % 5]
         probs, order = torch.sort(torch.softmax(logits, -1), descending=True)
+        probs = probs.double()  # the mass before each token, summed exactly enough to decide
         keep_sorted = (probs.cumsum(-1) - probs) < p
         keep_sorted[0] = True
         expected = torch.zeros(size, dtype=torch.bool)
         expected[order[keep_sorted]] = True
         assert torch.equal(torch.isfinite(Nucleus(p)(logits)), expected), case
         fallbacks += int(expected.sum()) > 1
-    assert 20 < fallbacks < 120  # both paths were exercised
+    assert 50 < fallbacks < 300  # both paths were exercised
 
 
 def test_draw_follows_the_probabilities_and_never_picks_a_zero() -> None:
