@@ -183,13 +183,12 @@ static inline void widen(const uint16_t* h, int n, float* out) {
  * timed with rdtsc, with and without it alternating step by step). */
 enum { SIDE_RANGES = 16 };
 typedef struct {
-    const char* start[SIDE_RANGES];
-    size_t bytes[SIDE_RANGES];
+    const char* start[SIDE_RANGES]; /* ranges of range_bytes each */
     int ranges;
-    size_t total;
+    size_t range_bytes;
 } side_region;
 
-/* A chunk's share of a side region: ``left`` lines from line ``offset`` of range ``range``,
+/* A chunk's share of a side region: ``left`` lines from byte ``offset`` of range ``range``,
  * ``per_row`` of them a row. */
 typedef struct {
     const side_region* region;
@@ -197,12 +196,11 @@ typedef struct {
     size_t offset, left;
 } side_cursor;
 
-/* Start ``c`` at line ``line`` of ``region`` for ``lines`` lines. */
+/* Start ``c`` at line ``line`` of ``region`` for ``lines`` lines spread over ``rows`` rows. */
 static inline void side_start(side_cursor* c, const side_region* region, size_t line, size_t lines,
                               int rows) {
-    *c = (side_cursor){region, 0, (int)(lines / (size_t)rows) + 1, line * 64, lines};
-    while (c->range < region->ranges && c->offset >= region->bytes[c->range])
-        c->offset -= region->bytes[c->range++];
+    *c = (side_cursor){region, (int)(line * 64 / region->range_bytes),
+                       (int)(lines / (size_t)rows) + 1, line * 64 % region->range_bytes, lines};
 }
 
 /* This row's lines of the cursor's share (a prefetch never faults, and changes no result). */
@@ -211,7 +209,7 @@ static inline void side_prefetch(side_cursor* c) {
     for (int i = 0; i < c->per_row && c->left > 0 && c->range < c->region->ranges; i++, c->left--) {
         _mm_prefetch(c->region->start[c->range] + c->offset, _MM_HINT_T0);
         c->offset += 64;
-        if (c->offset >= c->region->bytes[c->range]) {
+        if (c->offset >= c->region->range_bytes) {
             c->offset = 0;
             c->range++;
         }
@@ -287,9 +285,9 @@ static void matmul_chunk(const void* job, int c) {
     const matmul_job* j = job;
     const int n0 = j->bounds[c], n1 = j->bounds[c + 1];
     side_cursor cursor, *side = NULL;
-    if (j->side != NULL && j->side->total > 0) {
+    if (j->side != NULL && j->side->ranges > 0 && j->side->range_bytes > 0) {
         /* This chunk's rows' share of the side region's lines, spread evenly over its rows. */
-        const size_t lines = (j->side->total + 63) / 64;
+        const size_t lines = j->side->ranges * ((j->side->range_bytes + 63) / 64);
         const size_t first = lines * n0 / j->N, last = lines * n1 / j->N;
         side_start(&cursor, j->side, first, last - first, n1 - n0);
         side = &cursor;
@@ -560,14 +558,10 @@ static void decode_layer(const packed_model* m, int layer, float* x, const float
 
     /* MLP block: norm, gate and up, SiLU(gate) * up, down; meanwhile (during gate and up) the
      * next layer's keys and values come into cache for its attention. */
-    side_region next = {.ranges = 0, .total = 0};
-    for (int h = 0; next_keys != NULL && h < kv_heads && 2 * h + 1 < SIDE_RANGES; h++) {
-        const size_t bytes = (size_t)(pos + 1) * head_dim * sizeof(float);
-        next.start[next.ranges] = (const char*)(next_keys + (size_t)h * capacity * head_dim);
-        next.bytes[next.ranges++] = bytes;
-        next.start[next.ranges] = (const char*)(next_values + (size_t)h * capacity * head_dim);
-        next.bytes[next.ranges++] = bytes;
-        next.total += 2 * bytes;
+    side_region next = {.ranges = 0, .range_bytes = (size_t)(pos + 1) * head_dim * sizeof(float)};
+    for (int h = 0; next_keys != NULL && h < kv_heads && next.ranges + 2 <= SIDE_RANGES; h++) {
+        next.start[next.ranges++] = (const char*)(next_keys + (size_t)h * capacity * head_dim);
+        next.start[next.ranges++] = (const char*)(next_values + (size_t)h * capacity * head_dim);
     }
     rms_norm(x, m->norm_post[layer], hidden, m->eps, normed);
     matmul_side(Q4_1, normed, 1, hidden, w[2].q, w[2].s, 2 * intermediate, gate_up, &next);
