@@ -177,11 +177,16 @@ static inline void widen(const uint16_t* h, int n, float* out) {
 
 /* Memory a matrix-vector product brings into cache on the side, a few lines per row of weights:
  * the next layer's keys and values, which its attention would otherwise wait for. The products
- * are bound by arithmetic (the nibble lookups), not by the memory bus, so the bus has room; at
- * 264 positions this took attention from ~1.1 to ~0.65 ms a step for ~0.2 ms more in the
- * gate/up product, and at 1,000 positions from ~3.2 to ~1.7 ms for ~0.9 ms more (sections
- * timed with rdtsc, with and without it alternating step by step). */
+ * are bound by arithmetic (the nibble lookups), not by the memory bus, so the bus has room.
+ * Sections timed with rdtsc, with and without it alternating step by step: at 264 positions
+ * attention went from ~1.1 to ~0.67 ms a step for ~0.2 ms more in the gate/up product (the
+ * step -3%); at 1,000 from 2.9 to 2.3 ms (-5%); at 2,000 from 5.8 to 4.7 ms (-6.5%); at 4,000,
+ * where attention reads 184 MB a step, it makes no difference (+1%, within the noise). */
 enum { SIDE_RANGES = 16 };
+/* At most this much of the next layer's keys and values (the first positions of each head):
+ * more than the two cores' caches keep through the gate/up and down products only costs the
+ * product time. */
+enum { SIDE_BYTES = 768 * 1024 };
 typedef struct {
     const char* start[SIDE_RANGES]; /* ranges of range_bytes each */
     int ranges;
@@ -558,8 +563,11 @@ static void decode_layer(const packed_model* m, int layer, float* x, const float
 
     /* MLP block: norm, gate and up, SiLU(gate) * up, down; meanwhile (during gate and up) the
      * next layer's keys and values come into cache for its attention. */
-    side_region next = {.ranges = 0, .range_bytes = (size_t)(pos + 1) * head_dim * sizeof(float)};
-    for (int h = 0; next_keys != NULL && h < kv_heads && next.ranges + 2 <= SIDE_RANGES; h++) {
+    const int ahead = kv_heads < SIDE_RANGES / 2 ? kv_heads : SIDE_RANGES / 2;
+    const size_t budget = SIDE_BYTES / (2 * (size_t)ahead * head_dim * sizeof(float));
+    side_region next = {.ranges = 0, .range_bytes = (size_t)(pos + 1 < budget ? pos + 1 : budget)
+                                                    * head_dim * sizeof(float)};
+    for (int h = 0; next_keys != NULL && h < ahead; h++) {
         next.start[next.ranges++] = (const char*)(next_keys + (size_t)h * capacity * head_dim);
         next.start[next.ranges++] = (const char*)(next_values + (size_t)h * capacity * head_dim);
     }
