@@ -268,27 +268,20 @@ static void rows_times_block_rows(int kind, const float* x, int rows, int K, con
 }
 
 enum { CHUNK = 32 };
-/* A product's chunks: at most this many (~200 for the output head on 16 threads; past the cap
- * the last chunk takes the rows left), the last ones no smaller than CHUNK rows. */
-enum { MAX_CHUNKS = 1024 };
-/* Each chunk takes 1 / (SHARE * threads) of the rows left: the first as large as the equal
- * chunks used before (an eighth, on two threads), so a worker that stops running holds up no
- * more than it did. */
-enum { SHARE = 4 };
 
 typedef struct {
-    int kind, M, K, N;
+    int kind, M, K, N, rows_per_chunk;
     const float* x;
     const uint8_t* q;
     const uint16_t* s;
     float* y;
     const side_region* side; /* or NULL */
-    int bounds[MAX_CHUNKS + 1]; /* chunk c is rows [bounds[c], bounds[c + 1]) */
 } matmul_job;
 
 static void matmul_chunk(const void* job, int c) {
     const matmul_job* j = job;
-    const int n0 = j->bounds[c], n1 = j->bounds[c + 1];
+    const int n0 = c * j->rows_per_chunk;
+    const int n1 = n0 + j->rows_per_chunk < j->N ? n0 + j->rows_per_chunk : j->N;
     side_cursor cursor, *side = NULL;
     if (j->side != NULL && j->side->ranges > 0 && j->side->range_bytes > 0) {
         /* This chunk's rows' share of the side region's lines, spread evenly over its rows. */
@@ -303,27 +296,20 @@ static void matmul_chunk(const void* job, int c) {
                               r == 0 ? side : NULL);
 }
 
-/* Split N rows into chunks that shrink as they go (each a share of the rows left, in multiples
- * of CHUNK rows): long contiguous runs keep the memory streams going (32-row chunks handed out
- * in turn ran 1.5x slower), and small last chunks keep the threads finishing together (with
- * equal chunks the caller waited ~0.25 ms a decode step for a worker's last one; now ~0.12). */
-static int split_rows(int N, int threads, int* bounds) {
-    int chunks = 0, n = 0;
-    bounds[0] = 0;
-    while (n < N) {
-        int rows = (N - n) / (SHARE * threads);
-        rows = rows < CHUNK ? CHUNK : (rows + CHUNK - 1) / CHUNK * CHUNK;
-        n = n + rows < N && chunks + 1 < MAX_CHUNKS ? n + rows : N;
-        bounds[++chunks] = n;
-    }
-    return chunks;
-}
-
 /* packed_matmul, prefetching ``side`` (or NULL) along the way. */
 static void matmul_side(int kind, const float* x, int M, int K, const uint8_t* q,
                         const uint16_t* s, int N, float* y, const side_region* side) {
-    matmul_job job = {kind, M, K, N, x, q, s, y, side, {0}};
-    parallel(matmul_chunk, &job, split_rows(N, pool_size(), job.bounds));
+    /* About four chunks a thread, in multiples of 32 rows: long contiguous runs of rows keep
+     * the memory streams going (32-row chunks handed out in turn ran 1.5x slower), and a few
+     * chunks per thread still let a running thread take over from one that is not. Chunks
+     * that shrink towards the end (each a share of the rows left) cut the caller's wait for
+     * a worker's last chunk from ~0.25 to ~0.12 ms a step, but the step ran 3-5% slower
+     * (bench/sections.py): more chunk starts, and short chunks stream worse. */
+    const int threads = pool_size();
+    int rows = (N + 4 * threads - 1) / (4 * threads);
+    rows = (rows + CHUNK - 1) / CHUNK * CHUNK;
+    const matmul_job job = {kind, M, K, N, rows, x, q, s, y, side};
+    parallel(matmul_chunk, &job, (N + rows - 1) / rows);
 }
 
 /* y[M, N] = x[M, K] @ W[N, K]^T with W packed as ``kind``. */
