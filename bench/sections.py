@@ -4,7 +4,7 @@ and optionally another checkout's, the two alternating step by step on one conte
 
 The kernel is copied to a scratch folder with timers added around the calls in
 ``decode_layer`` and ``decode_step`` (found by their text; an error names the one not found)
-and built like the real one; the engine's own kernel is untouched. Times are ms a step,
+and built by ``packed.load_kernel``; the engine's own kernel is untouched. Times are ms a step,
 converted from the TSC at ``/proc/cpuinfo``'s clock. The last line is one JSON object.
 
     python bench/sections.py [--other <checkout>] [--context 264] [--steps 150]
@@ -58,8 +58,8 @@ _MARKS = (
 def instrumented(engine_dir: Path, into: Path) -> Path:
     """A copy of ``engine_dir``'s kernel sources with section timers, in ``into``."""
     into.mkdir(parents=True, exist_ok=True)
-    for source in packed._SOURCES:
-        shutil.copy(engine_dir / source.name, into / source.name)
+    for name in packed.SOURCE_NAMES:
+        shutil.copy(engine_dir / name, into / name)
     text = (into / "packed_kernel.c").read_text()
     text = text.replace('#include "kernel_common.h"', '#include "kernel_common.h"\n' + _TIMERS, 1)
     for where, pattern, timer in _MARKS:
@@ -74,16 +74,8 @@ def instrumented(engine_dir: Path, into: Path) -> Path:
 
 
 def build(sources: Path) -> Any:
-    """The kernel built from ``sources`` (the engine's module state left as it was)."""
-    saved = packed._SOURCES, packed._lib, packed._lib_error
-    packed._SOURCES = tuple(sources / s.name for s in saved[0])
-    packed._lib = packed._lib_error = None
-    try:
-        lib = packed.kernel()
-        if lib is None:
-            raise RuntimeError(f"the instrumented kernel did not build: {packed.kernel_error()}")
-    finally:
-        packed._SOURCES, packed._lib, packed._lib_error = saved
+    """The kernel built from the sources in ``sources``, with its section timers typed."""
+    lib = packed.load_kernel(tuple(sources / name for name in packed.SOURCE_NAMES))
     lib.section_ticks_take.argtypes = [ctypes.c_void_p]
     return lib
 

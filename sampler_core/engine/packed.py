@@ -22,8 +22,9 @@ The blocks are stored rearranged (quants of a row together, its float16 scales t
 scales sixteen at a time and rebuilds a Q4_1 block's 32 weights from a 16-entry table with two
 lane permutes. ``decode_step`` runs one whole decode step (every layer, the final norm and the
 output head) in one call. Long prefills take ``prefill_attention.c`` (float32 causal
-attention) and, when asked for with ``PROMPT_IDE_PREFILL=fixed16``, ``prefill_kernel.c``
-(16-bit fixed-point activations on VNNI; not exact).
+attention) and ``prefill_ops.c``; when asked for by name (``prefill="fixed16"`` or ``"fast"``
+per run, or ``PROMPT_IDE_PREFILL``), ``prefill_kernel.c`` (16- or 8-bit fixed-point
+activations on VNNI; not exact).
 
 Nothing here is used when the kernel cannot be built (no compiler, no AVX-512) or the weights
 in the GGUF file do not reproduce the loaded model's bit for bit: the engine then runs float32.
@@ -62,10 +63,10 @@ WEIGHT_MODES = ("packed", "float32")
 #: The kernel's rotary step works on heads up to this size (a buffer on its stack).
 MAX_HEAD_DIM = 512
 
-#: The kernel's sources, compiled together into one library.
-_SOURCES = tuple(Path(__file__).with_name(name)
-                 for name in ("kernel_common.h", "packed_kernel.c", "prefill_kernel.c",
-                              "prefill_attention.c", "prefill_ops.c"))
+#: The kernel's source files (beside this module), compiled together into one library.
+SOURCE_NAMES = ("kernel_common.h", "packed_kernel.c", "prefill_kernel.c", "prefill_attention.c",
+                "prefill_ops.c")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in SOURCE_NAMES)
 
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mf16c", "-mfma", "-pthread", "-shared", "-fPIC"]
 
@@ -82,24 +83,80 @@ def _cpu_has_avx512() -> bool:
     return all(f in flags for f in ("avx512f", "avx512bw", "f16c", "fma"))
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, sources: tuple[Path, ...]) -> None:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or $CC) to build the packed-weight kernel")
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".kernel-", dir=target.parent))
     try:
-        for source in _SOURCES:
+        for source in sources:
             (scratch / source.name).write_text(source.read_text())
-        sources = [str(scratch / s.name) for s in _SOURCES if s.suffix == ".c"]
+        units = [str(scratch / s.name) for s in sources if s.suffix == ".c"]
         out = scratch / target.name
-        done = subprocess.run([compiler, *_FLAGS, *sources, "-o", str(out), "-lm"],
+        done = subprocess.run([compiler, *_FLAGS, *units, "-o", str(out), "-lm"],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"building the packed-weight kernel failed: {done.stderr[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders each leave a whole file
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def load_kernel(sources: tuple[Path, ...] = _SOURCES) -> Any:
+    """The library built from ``sources`` (a build cached under the models folder, keyed by
+    their text), its functions typed; raises RuntimeError or OSError when it cannot be had.
+    ``kernel()`` is this, once, for the engine; ``bench/sections.py`` loads instrumented
+    copies."""
+    if not _cpu_has_avx512():
+        raise RuntimeError("this CPU lacks AVX-512 (the packed-weight kernel needs it)")
+    from sampler_core.engine.models import cache_root
+
+    text = "".join(s.read_text() for s in sources) + " ".join(_FLAGS)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"packed-{key}.so"
+    if not target.is_file():
+        _build(target, sources)
+    lib = ctypes.CDLL(str(target))
+    lib.packed_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int, ctypes.c_void_p]
+    lib.packed_matmul.restype = None
+    lib.decode_step.argtypes = ([ctypes.POINTER(PackedModelStruct)]
+                                + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2
+                                + [ctypes.c_void_p] * 3)
+    lib.decode_step.restype = None
+    lib.decode_scratch_floats.argtypes = [ctypes.POINTER(PackedModelStruct), ctypes.c_int]
+    lib.decode_scratch_floats.restype = ctypes.c_int
+    lib.packed_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.packed_dequantize.restype = None
+    lib.packed_max_in_features.restype = ctypes.c_int
+    lib.decode_max_context.restype = ctypes.c_int
+    lib.prefill_supported.restype = ctypes.c_int
+    lib.prefill_scratch_bytes.argtypes = [ctypes.c_int] * 4
+    lib.prefill_scratch_bytes.restype = ctypes.c_size_t
+    lib.prefill_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.prefill_matmul.restype = None
+    lib.prefill_attention.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
+                                      + [ctypes.c_float] + [ctypes.c_void_p] * 2
+                                      + [ctypes.c_int])
+    lib.prefill_attention.restype = None
+    lib.prefill_attention_bf16_supported.restype = ctypes.c_int
+    lib.prefill_attention_scratch_floats.argtypes = [ctypes.c_int] * 5
+    lib.prefill_attention_scratch_floats.restype = ctypes.c_size_t
+    lib.prefill_attention_max_dim.restype = ctypes.c_int
+    lib.prefill_split_heads.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4
+                                        + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2)
+    lib.prefill_split_heads.restype = None
+    lib.prefill_silu_times.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_void_p]
+    lib.prefill_silu_times.restype = None
+    lib.pool_threads.argtypes = [ctypes.c_int]
+    lib.pool_threads(torch.get_num_threads())
+    return lib
 
 
 def kernel() -> Any:
@@ -109,55 +166,7 @@ def kernel() -> Any:
         if _lib is not None or _lib_error is not None:
             return _lib
         try:
-            if not _cpu_has_avx512():
-                raise RuntimeError("this CPU lacks AVX-512 (the packed-weight kernel needs it)")
-            from sampler_core.engine.models import cache_root
-
-            text = "".join(s.read_text() for s in _SOURCES) + " ".join(_FLAGS)
-            key = hashlib.sha256(text.encode()).hexdigest()[:16]
-            target = cache_root() / "kernels" / f"packed-{key}.so"
-            if not target.is_file():
-                _build(target)
-            lib = ctypes.CDLL(str(target))
-            lib.packed_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                          ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                          ctypes.c_int, ctypes.c_void_p]
-            lib.packed_matmul.restype = None
-            lib.decode_step.argtypes = ([ctypes.POINTER(PackedModelStruct)]
-                                        + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2
-                                        + [ctypes.c_void_p] * 3)
-            lib.decode_step.restype = None
-            lib.decode_scratch_floats.argtypes = [ctypes.POINTER(PackedModelStruct), ctypes.c_int]
-            lib.decode_scratch_floats.restype = ctypes.c_int
-            lib.packed_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                              ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-            lib.packed_dequantize.restype = None
-            lib.packed_max_in_features.restype = ctypes.c_int
-            lib.decode_max_context.restype = ctypes.c_int
-            lib.prefill_supported.restype = ctypes.c_int
-            lib.prefill_scratch_bytes.argtypes = [ctypes.c_int] * 4
-            lib.prefill_scratch_bytes.restype = ctypes.c_size_t
-            lib.prefill_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            lib.prefill_matmul.restype = None
-            lib.prefill_attention.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
-                                              + [ctypes.c_float] + [ctypes.c_void_p] * 2
-                                              + [ctypes.c_int])
-            lib.prefill_attention.restype = None
-            lib.prefill_attention_bf16_supported.restype = ctypes.c_int
-            lib.prefill_attention_scratch_floats.argtypes = [ctypes.c_int] * 5
-            lib.prefill_attention_scratch_floats.restype = ctypes.c_size_t
-            lib.prefill_attention_max_dim.restype = ctypes.c_int
-            lib.prefill_split_heads.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4
-                                                + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2)
-            lib.prefill_split_heads.restype = None
-            lib.prefill_silu_times.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                               ctypes.c_void_p]
-            lib.prefill_silu_times.restype = None
-            lib.pool_threads.argtypes = [ctypes.c_int]
-            lib.pool_threads(torch.get_num_threads())
-            _lib = lib
+            _lib = load_kernel()
         except (OSError, RuntimeError, AttributeError) as exc:
             _lib_error = str(exc)
         return _lib
