@@ -4,7 +4,9 @@ commit), interleaved run by run so that the machine's drift hits both alike.
 Each checkout's engine runs in its own process (its own kernel build, its own Python code);
 the two take turns, one 128-token run each, alternating which goes first. Reports each side's
 median tokens/s and the median of the per-pair ratios (this checkout / the other), for the
-engine plain and with top-k 20 and attention. The last line is one JSON object.
+engine plain and with top-k 20 and attention, and the same for time to first token (this
+checkout's over the other's: below 1 is faster; with ``--prompt-tokens 2000`` a prefill
+comparison). The last line is one JSON object.
 
     git worktree add /tmp/base <commit>
     python bench/ab.py /tmp/base [--reps 12] [--prompt-tokens 200] [--new-tokens 128]
@@ -37,8 +39,8 @@ def worker(prompt_tokens: int, new_tokens: int) -> None:
     time_engine(engine, ids, 16, top_k=0)  # build and warm up before the first timed run
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        tok_s, _ = time_engine(engine, ids, new_tokens, **json.loads(line))
-        print(json.dumps({"tok_s": tok_s}), flush=True)
+        tok_s, ttft_ms = time_engine(engine, ids, new_tokens, **json.loads(line))
+        print(json.dumps({"tok_s": tok_s, "ttft_ms": ttft_ms}), flush=True)
 
 
 def start(checkout: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
@@ -60,13 +62,15 @@ def _line(stream: IO[str] | None) -> str:
     return line
 
 
-def _timed_run(process: subprocess.Popen[str], settings: dict[str, object]) -> float:
-    """One run's decode tokens/s from a worker."""
+def _timed_run(process: subprocess.Popen[str], settings: dict[str, object]
+               ) -> tuple[float, float]:
+    """One run's decode tokens/s and time to first token (ms) from a worker."""
     if process.stdin is None:
         raise RuntimeError("a worker has no input pipe")
     process.stdin.write(json.dumps(settings) + "\n")
     process.stdin.flush()
-    return float(json.loads(_line(process.stdout))["tok_s"])
+    reply = json.loads(_line(process.stdout))
+    return float(reply["tok_s"]), float(reply["ttft_ms"])
 
 
 def main() -> None:
@@ -83,7 +87,8 @@ def main() -> None:
     if args.other is None or not (args.other / "sampler_core").is_dir():
         parser.error(f"other must be a checkout of this project, got {args.other}")
     sides = {"this": start(HERE.parent, args), "other": start(args.other.resolve(), args)}
-    results: dict[tuple[str, str], list[float]] = {(s, c): [] for s in sides for c in CONFIGS}
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {
+        (s, c): [] for s in sides for c in CONFIGS}
     try:
         for rep in range(args.reps):
             for name, settings in CONFIGS.items():
@@ -99,12 +104,16 @@ def main() -> None:
               "new_tokens": args.new_tokens, "reps": args.reps}
     for name in CONFIGS:
         this, other = results[("this", name)], results[("other", name)]
-        ratio = statistics.median(a / b for a, b in zip(this, other))
-        print(f"{name}: this {statistics.median(this):.1f} tok/s, other "
-              f"{statistics.median(other):.1f} tok/s, per-pair ratio {ratio:.3f}")
-        report[name] = {"this_tok_s": round(statistics.median(this), 2),
-                        "other_tok_s": round(statistics.median(other), 2),
-                        "ratio": round(ratio, 3)}
+        entry: dict[str, float] = {}
+        for at, (unit, key) in enumerate((("tok/s", "tok_s"), ("ms", "ttft_ms"))):
+            mine, theirs = [run[at] for run in this], [run[at] for run in other]
+            ratio = statistics.median(a / b for a, b in zip(mine, theirs))
+            print(f"{name} {key}: this {statistics.median(mine):.1f} {unit}, other "
+                  f"{statistics.median(theirs):.1f} {unit}, per-pair ratio {ratio:.3f}")
+            entry |= {f"this_{key}": round(statistics.median(mine), 2),
+                      f"other_{key}": round(statistics.median(theirs), 2),
+                      f"ratio_{key}": round(ratio, 3)}
+        report[name] = entry
     print(json.dumps(report))
 
 

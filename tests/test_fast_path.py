@@ -179,6 +179,35 @@ def test_decode_of_a_token_equals_forward_on_it(fast) -> None:
         runner.decode(fast.vocab_size, caches[0])
 
 
+
+@pytest.mark.parametrize("length", [5, 40, 300])
+@pytest.mark.parametrize("kernel_attention", [True, False])
+def test_a_prompts_last_layer_runs_on_its_last_row_alone(fast, monkeypatch, length,
+                                                        kernel_attention) -> None:
+    """Past the last layer's keys and values only the last position matters (unless every
+    position's logits are asked for): that layer's attention and MLP then run on one row,
+    with the same cache, attention row and, to float32 summation order, the same logits."""
+    runner = fast._fast
+    ids = torch.tensor((fast.encode(PROMPTS[4]) * 8)[:length])
+    mlp_rows: list[int] = []
+    silu_times = runner._silu_times
+    monkeypatch.setattr(runner, "_silu_times",
+                        lambda gate_up: mlp_rows.append(gate_up.shape[0]) or silu_times(gate_up))
+    runner.set_prefill(kernel_attention=kernel_attention, mode="float32")
+    try:
+        caches = [runner.new_cache(length) for _ in range(2)]
+        every, every_rows = runner.forward(ids, caches[0], all_logits=True, attention=True)
+        assert mlp_rows[-1] == length
+        last, last_rows = runner.forward(ids, caches[1], attention=True)
+        assert mlp_rows[-2:] == [length, 1]  # the next-to-last layer whole, the last one row
+    finally:
+        runner.set_prefill(kernel_attention=True, mode="float32")
+    assert last.shape == (1, fast.vocab_size)
+    assert (every[-1] - last[0]).abs().max() < 1e-4
+    assert torch.allclose(every_rows, last_rows, atol=1e-6)
+    assert torch.equal(caches[0].keys, caches[1].keys)
+    assert torch.equal(caches[0].values, caches[1].values)
+
 def test_weights_mode_is_validated(monkeypatch) -> None:
     from sampler_core.engine.packed import weights_mode
 

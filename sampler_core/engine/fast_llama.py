@@ -256,25 +256,36 @@ class FastLlama:
         # Inexact modes apply to long prefills only; short ones read the packed blocks exactly.
         mode = (prefill or self.prefill_mode) if steps > PACKED_MAX_STEPS else "float32"
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
+            # Past the last layer's keys and values only the last position is read (unless
+            # every position's logits are): the rest of that layer runs on its row alone.
+            last_row_only = index == self.num_layers - 1 and steps > 1 and not all_logits
             if self.packed is not None:
                 parts = self.packed.layers[index]
                 # Few positions: the kernel reads the blocks. Many: compute-bound, so BLAS on
                 # this layer's weights rebuilt in float32 (bit for bit the same), then dropped;
-                # or, when asked for, fixed-point activations on VNNI.
+                # or, when asked for, fixed-point activations on VNNI. A last row alone reads
+                # the blocks.
+                wide = list(parts[:1] if last_row_only else parts)
                 w_qkv, w_o, w_gate_up, w_down = (
                     parts if steps <= PACKED_MAX_STEPS
-                    else [partial(p.prefill, bits=FIXED_BITS[mode]) for p in parts]
-                    if mode in FIXED_BITS
-                    else [p.unpack(out) for p, out in zip(parts, self._unpacked)])
+                    else [partial(p.prefill, bits=FIXED_BITS[mode]) for p in wide]
+                    + list(parts[len(wide):]) if mode in FIXED_BITS
+                    else [p.unpack(out) for p, out in zip(wide, self._unpacked)]
+                    + list(parts[len(wide):]))
             # Attention block: q/k/v, rotary, cache write, attention (and the last row's weights).
             qkv = _linear(self._norm(x, w_in), w_qkv)
-            if steps > 1 and self._prefill_attention:
+            if last_row_only:
+                q = (self._split_heads_kernel if self._prefill_attention
+                     else self._split_heads)(qkv, cache, index, start, cos, sin)
+                q, x = q[:, -1:].contiguous(), x[-1:]
+                out = self._attention(q, cache, index, end - 1, rows)
+            elif steps > 1 and self._prefill_attention:
                 q = self._split_heads_kernel(qkv, cache, index, start, cos, sin)
                 out = self._attention_kernel(q, cache, index, start, steps, mode == "fast")
             else:
                 q = self._split_heads(qkv, cache, index, start, cos, sin)
                 out = self._attention(q, cache, index, start, rows)
-            if rows is not None and steps > 1:
+            if rows is not None and steps > 1 and not last_row_only:
                 # Only the last query's row: it sees every key, so no mask.
                 last = q[:, -1:].reshape(self.num_kv, self.group, self.head_dim)
                 rows[index] = torch.softmax(last @ cache.keys[index, :, :end].transpose(1, 2)
