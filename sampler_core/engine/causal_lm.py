@@ -329,28 +329,32 @@ class CausalLMEngine:
                settings: SampleSettings, position: int, token_type: TokenType,
                rows: torch.Tensor | None) -> Token:
         """Describe one token given the logits it was drawn from (raw and processed)."""
-        logprobs = torch.log_softmax(logits, dim=-1)
-        probs = torch.softmax(logits, dim=-1)  # cheaper than logprobs.exp()
+        # Vocabulary passes in numpy on views: right after a decode step the caches are cold,
+        # and there each torch op (its dispatch, each index) costs tens of microseconds.
+        logprobs = torch.log_softmax(logits, dim=-1).numpy()
+        probs = np.exp(logprobs)
+        raw, chosen = logits.numpy(), processed.numpy() if processed is not None else None
         raw_logprob = float(logprobs[token_id])
-        values, ids = torch.topk(probs, settings.top_k) if settings.top_k else (probs[:0], [])
-        # One gather per list rather than one tensor index per top-k entry.
-        ids = ids.tolist() if len(ids) else []
-        top_logprobs = logprobs[ids].tolist()
-        top_probs = processed[ids].tolist() if processed is not None else values.tolist()
+        ids = (torch.topk(torch.from_numpy(probs), settings.top_k).indices.numpy()
+               if settings.top_k else np.zeros(0, dtype=np.int64))
         top_k = tuple(
             Token(token_id=i, token_str=self.piece(i), prob=p, token_type=TokenType.MODEL,
                   raw_prob=v, logprob=lp, rank=n + 1)
-            for n, (v, i, p, lp) in enumerate(zip(values.tolist(), ids, top_probs, top_logprobs)))
+            for n, (i, v, p, lp) in enumerate(zip(
+                ids.tolist(), probs[ids].tolist(),
+                (chosen if chosen is not None else probs)[ids].tolist(), logprobs[ids].tolist())))
         mean = rows.mean(dim=(0, 1)).tolist() if rows is not None else []
+        # One pass: sum(p * log p). A -inf logit makes it nan (0 * -inf); nansum counts that 0.
+        entropy = -float(np.dot(probs, logprobs))
+        if not math.isfinite(entropy):
+            entropy = -float(np.nansum(probs * logprobs))
         return Token(
             token_id=token_id, token_str=self.piece(token_id),
-            prob=float(processed[token_id]) if processed is not None else math.exp(raw_logprob),
+            prob=float(chosen[token_id]) if chosen is not None else math.exp(raw_logprob),
             top_k=top_k, attn_weights=tuple(mean), token_type=token_type,
             raw_prob=math.exp(raw_logprob), logprob=raw_logprob,
-            rank=int(np.count_nonzero(logits.numpy() > float(logits[token_id]))) + 1,
-            # nansum: a -inf logit gives 0 * -inf, which counts 0 (torch.special.entr does the
-            # same, ~3x slower).
-            entropy=float(-(probs * logprobs).nansum()), position=position,
+            rank=int(np.count_nonzero(raw > raw[token_id])) + 1,
+            entropy=entropy, position=position,
             attention=AttentionDetail(rows.numpy().astype(np.float32))
             if rows is not None and settings.full_attention else None)
 

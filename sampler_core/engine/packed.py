@@ -428,21 +428,26 @@ def _save(packed: PackedLlama, target: Path) -> None:
 
 
 def _load(source: Path) -> PackedLlama:
+    """The cached blocks, in one block of memory on 2 MB pages (``weight_block.py``), laid
+    out in the order a decode step reads them."""
     from safetensors import safe_open
+
+    from sampler_core.engine.weight_block import read_into_block
 
     with safe_open(str(source), framework="pt") as handle:
         shapes = json.loads(handle.metadata()["shapes"])
+    count = sum(1 for name in shapes if name.endswith(f".{LAYER_PARTS[0]}"))
+    names = [f"layers.{i}.{part}" for i in range(count) for part in LAYER_PARTS] + ["lm_head"]
+    tensors, _ = read_into_block(source, [f"{name}.{field}" for name in names
+                                          for field in ("quants", "scales")])
 
-        def linear(name: str) -> PackedLinear:
-            kind, out_features, in_features = shapes[name]
-            return PackedLinear(handle.get_tensor(f"{name}.quants"),
-                                handle.get_tensor(f"{name}.scales"), kind, out_features,
-                                in_features)
+    def linear(name: str) -> PackedLinear:
+        kind, out_features, in_features = shapes[name]
+        return PackedLinear(tensors[f"{name}.quants"], tensors[f"{name}.scales"], kind,
+                            out_features, in_features)
 
-        count = sum(1 for name in shapes if name.endswith(f".{LAYER_PARTS[0]}"))
-        layers = [tuple(linear(f"layers.{i}.{part}") for part in LAYER_PARTS)
-                  for i in range(count)]
-        return PackedLlama(layers, linear("lm_head"))  # type: ignore[arg-type]
+    layers = [tuple(linear(f"layers.{i}.{part}") for part in LAYER_PARTS) for i in range(count)]
+    return PackedLlama(layers, linear("lm_head"))  # type: ignore[arg-type]
 
 
 def gguf_source(name: str) -> Path | None:
@@ -508,6 +513,7 @@ def packed_for(name: str, model: Any) -> PackedLlama | None:
     if packed is not None:
         try:
             _save(packed, cached)
-        except OSError:
+            packed = _load(cached)  # the same blocks, laid out as every later load has them
+        except (OSError, KeyError, ValueError):
             pass  # no cache: the next load checks again
     return packed

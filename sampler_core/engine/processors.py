@@ -103,7 +103,7 @@ class Nucleus:
         # token alone reaches p (then fill the vocabulary and copy one logit), else select the
         # nucleus by buckets.
         best = argmax(probs)
-        if float(probs[best]) >= self.p:
+        if probs.numpy()[best] >= self.p:
             out = torch.full_like(logits, -math.inf)
             out[best] = logits[best]
             return out

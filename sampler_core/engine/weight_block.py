@@ -1,0 +1,69 @@
+"""Tensors of a safetensors file read into one block of memory on 2 MB pages.
+
+A decode step streams every packed weight, ~97 MB for the default model. On 4 KB pages that is
+~24,000 pages a step, each a TLB miss and a fresh start for the hardware prefetcher; on 2 MB
+pages (Linux transparent huge pages, asked for with ``madvise``) about 50. Measured with decode
+steps alternating between two copies of the weights in one process: the C step 1-1.5% faster.
+The file is read straight into the block (no tensor per weight first), so the process's peak
+memory stays where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+HUGE_PAGE = 2 << 20
+#: Each tensor starts on a cache line.
+ALIGN = 64
+_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
+
+
+def huge_page_memory(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of zeroed uint8 memory starting on a 2 MB boundary, its whole 2 MB pages
+    on huge pages where the kernel allows it. The block is mapped with 2 MB to spare (for
+    the alignment); pages never touched never become resident."""
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+    start = -whole.data_ptr() % HUGE_PAGE
+    whole_pages = nbytes // HUGE_PAGE * HUGE_PAGE  # a partly used huge page would count whole
+    if whole_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE, start, whole_pages)
+        except OSError:
+            pass  # no transparent huge pages here: 4 KB pages, as any allocation
+    return whole[start:start + nbytes]
+
+
+def read_into_block(path: Path, names: Sequence[str]) -> tuple[dict[str, torch.Tensor],
+                                                               dict[str, str]]:
+    """The named tensors of a safetensors file, laid out in the given order in one
+    ``huge_page_memory`` block, and the file's metadata. Raises KeyError for a name the file
+    lacks and ValueError for a file cut short or of an unknown dtype."""
+    with open(path, "rb") as file:
+        header_bytes = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(header_bytes))
+        data_start = 8 + header_bytes
+        layout, size = [], 0
+        for name in names:
+            entry = header[name]
+            if entry["dtype"] not in _DTYPES:
+                raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, not one "
+                                 f"of {', '.join(_DTYPES)}")
+            begin, end = entry["data_offsets"]
+            layout.append((name, entry, size, begin, end - begin))
+            size += -(-(end - begin) // ALIGN) * ALIGN
+        block = huge_page_memory(size)
+        tensors = {}
+        for name, entry, at, begin, length in layout:
+            into = block[at:at + length]
+            file.seek(data_start + begin)
+            if file.readinto(into.numpy()) != length:
+                raise ValueError(f"{path} ends inside tensor {name}")
+            tensors[name] = into.view(_DTYPES[entry["dtype"]]).view(entry["shape"])
+    return tensors, header.get("__metadata__", {})
