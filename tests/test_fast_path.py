@@ -56,6 +56,15 @@ def test_packed_blocks_are_the_float32_weights_bit_for_bit(fast) -> None:
     assert packed.lm_head.equals(fast.model.lm_head.weight)
 
 
+def test_packed_blocks_lie_in_one_block_in_the_order_a_decode_step_reads_them(fast) -> None:
+    packed = fast._fast.packed
+    tensors = [t for layer in packed.layers for w in layer for t in (w.quants, w.scales)]
+    starts = [t.data_ptr() for t in [*tensors, packed.lm_head.quants, packed.lm_head.scales]]
+    assert starts[0] % (2 << 20) == 0 and starts == sorted(starts)
+    ends = [t.data_ptr() + t.numel() * t.element_size() for t in tensors]
+    assert all(0 <= start - end < 64 for end, start in zip(ends, starts[1:]))  # no gaps
+
+
 def test_greedy_128_tokens_match_the_float32_reference(fast) -> None:
     assert len(PROMPTS) >= 5
     for text in PROMPTS:
