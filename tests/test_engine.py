@@ -124,6 +124,28 @@ def test_probabilities_and_top_k(engine) -> None:
         assert 0 <= token.entropy <= math.log(engine.vocab_size)
 
 
+def test_token_figures_match_torch_distributions_on_the_models_logits(engine) -> None:
+    """A scored prompt's log-probabilities, probabilities, ranks and entropies against
+    ``Categorical`` over transformers' own logits for the same prompt (the engine's path
+    differs from it by float32 summation order only)."""
+    text = "The history of the printing press begins in the fifteenth century, when"
+    tokens, _ = run(engine, prompt=text, max_len=0, score_prompt=True)
+    prompt = engine.encode(text)
+    assert [t.token_id for t in tokens] == prompt
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([prompt], device=engine.device)).logits[0].float().cpu()
+    for position in range(1, len(prompt)):
+        token, row = tokens[position], logits[position - 1]
+        reference = torch.distributions.Categorical(logits=row)
+        chosen = row[prompt[position]]
+        assert math.isclose(token.logprob, float(reference.logits[prompt[position]]), abs_tol=1e-4)
+        assert math.isclose(token.raw_prob, math.exp(token.logprob), rel_tol=1e-6)
+        assert math.isclose(token.entropy, float(reference.entropy()), abs_tol=1e-4)
+        # Logits within float noise of the chosen one may rank either side of it.
+        assert (int((row > chosen + 1e-4).sum()) + 1 <= token.rank
+                <= int((row > chosen - 1e-4).sum()) + 1)
+
+
 def test_top_k_count_is_configurable(engine) -> None:
     for k in (0, 5, 50):
         tokens, _ = run(engine, max_len=2, top_k=k)
