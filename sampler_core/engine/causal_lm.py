@@ -335,14 +335,8 @@ class CausalLMEngine:
         probs = np.exp(logprobs)
         raw, chosen = logits.numpy(), processed.numpy() if processed is not None else None
         raw_logprob = float(logprobs[token_id])
-        ids = (torch.topk(torch.from_numpy(probs), settings.top_k).indices.numpy()
-               if settings.top_k else np.zeros(0, dtype=np.int64))
-        top_k = tuple(
-            Token(token_id=i, token_str=self.piece(i), prob=p, token_type=TokenType.MODEL,
-                  raw_prob=v, logprob=lp, rank=n + 1)
-            for n, (i, v, p, lp) in enumerate(zip(
-                ids.tolist(), probs[ids].tolist(),
-                (chosen if chosen is not None else probs)[ids].tolist(), logprobs[ids].tolist())))
+        top_k = (self._top_k(settings.top_k, probs, logprobs, chosen if chosen is not None
+                             else probs) if settings.top_k else ())
         mean = rows.mean(dim=(0, 1)).tolist() if rows is not None else []
         # One pass: sum(p * log p). A -inf logit makes it nan (0 * -inf); nansum counts that 0.
         entropy = -float(np.dot(probs, logprobs))
@@ -357,6 +351,17 @@ class CausalLMEngine:
             entropy=entropy, position=position,
             attention=AttentionDetail(rows.numpy().astype(np.float32))
             if rows is not None and settings.full_attention else None)
+
+    def _top_k(self, k: int, probs: np.ndarray, logprobs: np.ndarray, chosen: np.ndarray
+               ) -> tuple[Token, ...]:
+        """The ``k`` most likely tokens by raw probability, each with its raw and chosen
+        (processed) probability and log-probability."""
+        ids = torch.topk(torch.from_numpy(probs), k).indices.numpy()
+        return tuple(
+            Token(token_id=i, token_str=self.piece(i), prob=p, token_type=TokenType.MODEL,
+                  raw_prob=v, logprob=lp, rank=n + 1)
+            for n, (i, v, p, lp) in enumerate(zip(ids.tolist(), probs[ids].tolist(),
+                                                  chosen[ids].tolist(), logprobs[ids].tolist())))
 
     def _score_prompt(self, plan: Plan, logits: torch.Tensor) -> Iterator[Token]:
         """The prompt's tokens, each with the probability the model gave it (teacher forcing)."""
