@@ -28,6 +28,8 @@ def huge_page_memory(nbytes: int) -> torch.Tensor:
     """``nbytes`` of zeroed uint8 memory starting on a 2 MB boundary, its whole 2 MB pages
     on huge pages where the kernel allows it. The block is mapped with 2 MB to spare (for
     the alignment); pages never touched never become resident."""
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # not a POSIX system: ordinary memory
+        return torch.zeros(nbytes, dtype=torch.uint8)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
     start = -whole.data_ptr() % HUGE_PAGE
