@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sampler_core.engine.weight_block import ALIGN, HUGE_PAGE, huge_page_memory, read_into_block
+from sampler_core.engine.weight_block import (ALIGN, HUGE_PAGE, huge_page_memory, read_header,
+                                              read_into_block)
 
 
 @pytest.fixture()
@@ -24,7 +25,7 @@ def saved(tmp_path):
 
 def test_tensors_come_back_equal_in_the_given_order_on_aligned_starts(saved) -> None:
     order = ["b.quants", "c.table", "a.scales"]
-    tensors, metadata = read_into_block(saved, order)
+    tensors = read_into_block(saved, order)
     reference = load_file(str(saved))
     assert list(tensors) == order
     for name in order:
@@ -34,7 +35,9 @@ def test_tensors_come_back_equal_in_the_given_order_on_aligned_starts(saved) -> 
     assert starts[0] % HUGE_PAGE == 0  # the block starts on a 2 MB boundary
     assert all(start % ALIGN == 0 for start in starts)
     assert starts == sorted(starts)  # laid out in the order asked for
-    assert json.loads(metadata["shapes"]) == {"b": [0, 37, 22]}
+    header, data_start = read_header(saved)
+    assert json.loads(header["__metadata__"]["shapes"]) == {"b": [0, 37, 22]}
+    assert data_start == 8 + int.from_bytes(saved.read_bytes()[:8], "little")
 
 
 def test_a_missing_name_or_a_cut_file_is_refused(saved, tmp_path) -> None:

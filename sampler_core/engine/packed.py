@@ -430,16 +430,13 @@ def _save(packed: PackedLlama, target: Path) -> None:
 def _load(source: Path) -> PackedLlama:
     """The cached blocks, in one block of memory on 2 MB pages (``weight_block.py``), laid
     out in the order a decode step reads them."""
-    from safetensors import safe_open
+    from sampler_core.engine.weight_block import read_header, read_into_block
 
-    from sampler_core.engine.weight_block import read_into_block
-
-    with safe_open(str(source), framework="pt") as handle:
-        shapes = json.loads(handle.metadata()["shapes"])
+    shapes = json.loads(read_header(source)[0]["__metadata__"]["shapes"])
     count = sum(1 for name in shapes if name.endswith(f".{LAYER_PARTS[0]}"))
     names = [f"layers.{i}.{part}" for i in range(count) for part in LAYER_PARTS] + ["lm_head"]
-    tensors, _ = read_into_block(source, [f"{name}.{field}" for name in names
-                                          for field in ("quants", "scales")])
+    tensors = read_into_block(source, [f"{name}.{field}" for name in names
+                                       for field in ("quants", "scales")])
 
     def linear(name: str) -> PackedLinear:
         kind, out_features, in_features = shapes[name]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -42,15 +42,20 @@ def huge_page_memory(nbytes: int) -> torch.Tensor:
     return whole[start:start + nbytes]
 
 
-def read_into_block(path: Path, names: Sequence[str]) -> tuple[dict[str, torch.Tensor],
-                                                               dict[str, str]]:
-    """The named tensors of a safetensors file, laid out in the given order in one
-    ``huge_page_memory`` block, and the file's metadata. Raises KeyError for a name the file
-    lacks and ValueError for a file cut short or of an unknown dtype."""
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (each tensor's dtype, shape and data offsets, and
+    ``__metadata__``) and where its data starts."""
     with open(path, "rb") as file:
         header_bytes = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(header_bytes))
-        data_start = 8 + header_bytes
+        return json.loads(file.read(header_bytes)), 8 + header_bytes
+
+
+def read_into_block(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file, laid out in the given order in one
+    ``huge_page_memory`` block. Raises KeyError for a name the file lacks and ValueError for
+    a file cut short or of an unknown dtype."""
+    header, data_start = read_header(path)
+    with open(path, "rb") as file:
         layout, size = [], 0
         for name in names:
             entry = header[name]
@@ -68,4 +73,4 @@ def read_into_block(path: Path, names: Sequence[str]) -> tuple[dict[str, torch.T
             if file.readinto(into.numpy()) != length:
                 raise ValueError(f"{path} ends inside tensor {name}")
             tensors[name] = into.view(_DTYPES[entry["dtype"]]).view(entry["shape"])
-    return tensors, header.get("__metadata__", {})
+    return tensors
