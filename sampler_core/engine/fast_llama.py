@@ -260,8 +260,8 @@ class FastLlama:
             # every position's logits are): the rest of that layer runs on its row alone.
             last_row_only = index == self.num_layers - 1 and steps > 1 and not all_logits
             if self.packed is not None:
-                w_qkv, w_o, w_gate_up, w_down = self._packed_weights(
-                    index, steps, mode, many_rows=1 if last_row_only else 4)
+                w_qkv, w_o, w_gate_up, w_down = self._packed_weights(index, steps, mode,
+                                                                     last_row_only)
             # Attention block: q/k/v, rotary, cache write, attention (and the last row's weights).
             qkv = _linear(self._norm(x, w_in), w_qkv)
             if last_row_only:
@@ -290,9 +290,10 @@ class FastLlama:
                 else self.lm_head)
         return _linear(hidden, head), rows
 
-    def _packed_weights(self, layer: int, steps: int, mode: str, many_rows: int) -> list[Any]:
-        """What layer ``layer``'s four linears multiply by in a forward of ``steps`` positions,
-        the first ``many_rows`` of them over every position (the rest over one row).
+    def _packed_weights(self, layer: int, steps: int, mode: str, last_row_only: bool
+                        ) -> list[Any]:
+        """What layer ``layer``'s four linears multiply by in a forward of ``steps`` positions
+        (with ``last_row_only``, all but q/k/v take the last position's row alone).
 
         Few rows: the packed blocks, which the kernel reads. Many: compute-bound, so BLAS on
         the layer's weights rebuilt in float32 (bit for bit the same, reusing one layer's
@@ -300,11 +301,11 @@ class FastLlama:
         parts = list(self.packed.layers[layer])
         if steps <= PACKED_MAX_STEPS:
             return parts
-        wide = parts[:many_rows]
+        wide, one_row = (parts[:1], parts[1:]) if last_row_only else (parts, [])
         rebuilt = ([partial(p.prefill, bits=FIXED_BITS[mode]) for p in wide]
                    if mode in FIXED_BITS
                    else [p.unpack(out) for p, out in zip(wide, self._unpacked)])
-        return rebuilt + parts[many_rows:]
+        return rebuilt + one_row
 
     def _split_heads(self, qkv: torch.Tensor, cache: KVCache, layer: int, start: int,
                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
