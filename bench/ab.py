@@ -45,7 +45,9 @@ def worker(prompt_tokens: int, new_tokens: int) -> None:
 
 def start(checkout: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
     """A worker process importing ``checkout``'s sampler_core and bench helpers."""
-    env = dict(os.environ, PYTHONPATH=str(checkout), HF_HUB_OFFLINE="1")
+    # Kept prefills off (a checkout before them ignores this): every run prefills its prompt.
+    env = dict(os.environ, PYTHONPATH=str(checkout), HF_HUB_OFFLINE="1",
+               PROMPT_IDE_PROMPT_CACHE_MB="0")
     process = subprocess.Popen(
         [sys.executable, __file__, "--worker", "--prompt-tokens", str(args.prompt_tokens),
          "--new-tokens", str(args.new_tokens)],

@@ -12,7 +12,10 @@ and the largest deviation of the engine's decode path (packed GGUF weights unles
 The opt-in, inexact prefills (``PROMPT_IDE_PREFILL=fixed16``: 16-bit fixed-point activations
 in long prefills; ``fast``: 8-bit activations and bfloat16 attention products) each get their
 own 2,000-token time to first token and their deviation on five 400-token prompts (windows of
-this repository's README), next to the default path's.
+this repository's README), next to the default path's. Every time to first token above is
+a prompt's own prefill (the engine's kept prefills are off for them); ``ttft_2000_reused_ms`` is
+the 2,000-token prompt run again with its prefill kept (``prompt_cache.py``), not comparable
+with ``generate()``'s, which always prefills.
 On a GPU (``--device``, default ``auto``) the reference for the deviations is the float32
 model on the CPU; decode also runs with the kernels launched one by one instead of replayed
 from a CUDA graph (``plain_launched``), and the GPU's peak memory is reported.
@@ -99,6 +102,21 @@ def time_generate(engine: Any, ids: list[int], new: int) -> tuple[float, float]:
     if len(out.scores) != new:
         raise RuntimeError(f"generate made {len(out.scores)} tokens, expected {new}")
     return (new - 1) / (clock.stamps[-1] - clock.stamps[0]), (clock.stamps[0] - start) * 1000
+
+
+def time_reused(engine: Any, ids: list[int], budget: int, reps: int) -> float | None:
+    """Median time to first token in ms of ``ids`` run again with its prefill kept (within
+    ``budget`` bytes); None when the engine keeps no prefills (not the lean runner, or
+    ``$PROMPT_IDE_PROMPT_CACHE_MB=0``). The cache is off again afterwards."""
+    kept = engine.prompt_cache
+    if kept is None or budget == 0:
+        return None
+    kept.resize(budget)
+    try:
+        time_engine(engine, ids, 2, top_k=20)  # prefills, and keeps what it left
+        return statistics.median(time_engine(engine, ids, 2, top_k=20)[1] for _ in range(reps))
+    finally:
+        kept.resize(0)
 
 
 def server_peak_rss_mb(device: str) -> float:
@@ -211,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = get_engine("", device=args.device)
     on_gpu = engine.device.type == "cuda"
+    kept = engine.prompt_cache
+    budget = kept.max_bytes if kept is not None else 0
+    if kept is not None:
+        kept.resize(0)  # every run prefills its prompt; reuse is timed on its own below
     ids = prompt_ids(engine, args.prompt_tokens)
     configs: dict[str, Callable[[], tuple[float, float]]] = {
         "plain": lambda: time_engine(engine, ids, args.new_tokens, top_k=0),
@@ -244,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rep {rep + 1} ttft {args.long_prompt_tokens}: "
               + ", ".join(f"{name} {values[-1]:.0f} ms" for name, values in long.items()),
               file=sys.stderr, flush=True)
+    reused = time_reused(engine, long_ids, budget, args.long_reps)
     windows = long_windows(engine)
     eager = AutoModelForCausalLM.from_pretrained(engine.model.name_or_path,
                                                  attn_implementation="eager")  # on the CPU
@@ -275,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate_ttft_2000_ms": round(median["generate"], 1),
         "ratio_ttft_2000": round(median["generate"] / median["engine"], 3),
         **{f"ttft_2000_{mode}_ms": round(median[mode], 1) for mode in modes},
+        **({"ttft_2000_reused_ms": round(reused, 1)} if reused is not None else {}),
         **{f"ratio_ttft_2000_{mode}": round(median["generate"] / median[mode], 3)
            for mode in modes},
         **({"plain_launched_tok_s": round(tok_s["plain_launched"], 2),

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     engine = get_engine("")
+    if engine.prompt_cache is not None:
+        engine.prompt_cache.resize(0)  # each rep prefills its prompt
     runner = engine._fast
     if runner is None or runner.packed is None:
         raise SystemExit("the engine is not on its packed path (no kernel?): nothing to compare")

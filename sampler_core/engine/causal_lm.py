@@ -21,6 +21,7 @@ from sampler_core.engine.fast_llama import PACKED_MAX_STEPS, FastLlama, KVCache,
 from sampler_core.engine.models import LoadedModel
 from sampler_core.engine.packed import packed_for
 from sampler_core.engine.processors import LogitsProcessor, argmax, build_chain, draw
+from sampler_core.engine.prompt_cache import KeptPrefill, PromptCache, budget_from_env
 from sampler_core.engine.threads import one_thread
 from sampler_core.errors import ContextOverflow, InvalidInput, InvalidSettings
 from sampler_core.inputs import ImagePart, PromptPart, TextPart, TokenIdsPart
@@ -99,6 +100,8 @@ class CausalLMEngine:
         # from a GGUF file decodes from its packed blocks (same weights, a fifth of the bytes).
         self._fast = (FastLlama(self.model, packed_for(self.name, self.model))
                       if supports(self.model) else None)
+        #: Prefills kept for runs of the same prompt (the lean runner's caches only).
+        self.prompt_cache = PromptCache(budget_from_env()) if self._fast is not None else None
 
     # ----- tokenizer -------------------------------------------------------------------------
 
@@ -325,6 +328,31 @@ class CausalLMEngine:
         return self._forward(plan.prompt_ids, cache, all_logits=all_logits, attention=attention,
                              prefill=plan.prefill)
 
+    def _prefill_or_reuse(self, plan: Plan, cache: DynamicCache | KVCache, *, all_logits: bool,
+                          attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``_prefill``, or a copy of what the same prompt's prefill left before
+        (``prompt_cache.py``): token ids alone, on the lean runner's cache, last logits only."""
+        kept = self.prompt_cache
+        if (kept is None or all_logits or plan.extra is not None
+                or not isinstance(cache, KVCache) or not kept.admits(len(plan.prompt_ids))):
+            return self._prefill(plan, cache, all_logits=all_logits, attention=attention)
+        # What the prefill computed from: the ids, and how (the mode and, for the benchmarks'
+        # comparisons, which attention).
+        key = (plan.prompt_ids, plan.prefill, self._fast.prefill_attention_kernel)
+        length = len(plan.prompt_ids)
+        entry = kept.lookup(key, attention)
+        if entry is not None:
+            cache.keys[:, :, :length].copy_(entry.keys)
+            cache.values[:, :, :length].copy_(entry.values)
+            cache.length = length
+            rows = entry.rows.clone() if attention and entry.rows is not None else None
+            return entry.logits.clone(), rows
+        logits, rows = self._prefill(plan, cache, all_logits=False, attention=attention)
+        kept.keep(key, KeptPrefill(cache.keys[:, :, :length].clone(),
+                                   cache.values[:, :, :length].clone(), logits.clone(),
+                                   None if rows is None else rows.clone()))
+        return logits, rows
+
     def _token(self, token_id: int, logits: torch.Tensor, processed: torch.Tensor | None,
                settings: SampleSettings, position: int, token_type: TokenType,
                rows: torch.Tensor | None) -> Token:
@@ -379,9 +407,10 @@ class CausalLMEngine:
         cache = self._new_cache(len(plan.prompt_ids) + s.max_len)
         generated: list[int] = []
         finish, match = FinishReason.MAX_LEN, None
-        # Prefill: the whole prompt in one pass; logits for every position only when scoring.
-        logits, rows = self._prefill(plan, cache, all_logits=s.score_prompt,
-                                     attention=s.return_attention and s.max_len > 0)
+        # Prefill: the whole prompt in one pass (or a copy of the same prompt's last one);
+        # logits for every position only when scoring.
+        logits, rows = self._prefill_or_reuse(plan, cache, all_logits=s.score_prompt,
+                                              attention=s.return_attention and s.max_len > 0)
         if s.score_prompt:
             yield from self._score_prompt(plan, logits)
         last = logits[-1]

@@ -170,6 +170,11 @@ class FastLlama:
         return (self.packed is not None and self.head_dim % 16 == 0
                 and self.head_dim <= self._kernel.prefill_attention_max_dim())
 
+    @property
+    def prefill_attention_kernel(self) -> bool:
+        """Whether long prefills' attention runs in the kernel now (else torch's)."""
+        return self._prefill_attention
+
     def set_prefill(self, *, kernel_attention: bool, mode: str) -> None:
         """Choose how long prefills run: attention by the kernel or by torch, and the linears'
         ``mode`` (``packed.PREFILL_MODES``). For benchmarks and tests that compare the ways;

@@ -1,0 +1,187 @@
+"""Kept prefills (prompt_cache.py): the budget, least-recently-used order and validation on
+small tensors; on the real model, a run that reuses a prefill gives exactly the run that
+prefills, and the engine keeps only what it may."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sampler_core.engine.prompt_cache import (BUDGET_ENV, DEFAULT_BUDGET_MB, KeptPrefill,
+                                              PromptCache, budget_from_env)
+from sampler_core.inputs import TokenIdsPart
+from sampler_core.settings import SampleSettings
+from sampler_core.tokens import Token
+
+
+def entry(floats: int, rows: bool = False) -> KeptPrefill:
+    """An entry of ``floats`` float32 keys and as many values, 4 logits, maybe 2 rows."""
+    return KeptPrefill(torch.zeros(floats), torch.zeros(floats), torch.zeros(1, 4),
+                       torch.zeros(2) if rows else None)
+
+
+# ----- the budget from the environment --------------------------------------------------------
+
+def test_the_budget_comes_from_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    assert budget_from_env() == DEFAULT_BUDGET_MB * 10**6
+    monkeypatch.setenv(BUDGET_ENV, " 12 ")
+    assert budget_from_env() == 12 * 10**6
+    monkeypatch.setenv(BUDGET_ENV, "0")
+    assert budget_from_env() == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "lots"])
+def test_a_bad_budget_is_refused_naming_the_variable_and_the_value(monkeypatch, value) -> None:
+    monkeypatch.setenv(BUDGET_ENV, value)
+    with pytest.raises(ValueError) as caught:
+        budget_from_env()
+    assert BUDGET_ENV in str(caught.value) and repr(value) in str(caught.value)
+    assert ">= 0" in str(caught.value)
+
+
+def test_the_cache_refuses_a_negative_budget_or_minimum() -> None:
+    with pytest.raises(ValueError, match="max_bytes must be >= 0, got -1"):
+        PromptCache(-1)
+    with pytest.raises(ValueError, match="min_tokens must be >= 1, got 0"):
+        PromptCache(100, min_tokens=0)
+    with pytest.raises(ValueError, match="max_bytes must be >= 0, got -5"):
+        PromptCache(100).resize(-5)
+
+
+# ----- the cache itself -------------------------------------------------------------------------
+
+def test_the_least_recently_used_entry_leaves_first() -> None:
+    one = entry(10).nbytes  # 96 bytes
+    cache = PromptCache(2 * one)
+    cache.keep("a", entry(10))
+    cache.keep("b", entry(10))
+    assert cache.lookup("a", attention=False) is not None  # now "b" is the oldest
+    cache.keep("c", entry(10))
+    assert cache.lookup("b", attention=False) is None
+    assert cache.lookup("a", attention=False) is not None
+    assert cache.lookup("c", attention=False) is not None
+    assert len(cache) == 2 and cache.nbytes == 2 * one
+    assert (cache.hits, cache.misses) == (3, 1)
+
+
+def test_an_entry_over_the_budget_is_not_kept_and_replacing_counts_once() -> None:
+    cache = PromptCache(entry(10).nbytes)
+    cache.keep("big", entry(11))
+    assert len(cache) == 0 and cache.nbytes == 0
+    cache.keep("a", entry(10))
+    cache.keep("a", entry(10))
+    assert len(cache) == 1 and cache.nbytes == entry(10).nbytes
+    cache.keep("a", entry(11))  # the new one does not fit: the old one is gone too
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_an_entry_without_attention_does_not_serve_a_run_that_asks_for_it() -> None:
+    cache = PromptCache(10**6)
+    cache.keep("plain", entry(10))
+    cache.keep("with", entry(10, rows=True))
+    assert cache.lookup("plain", attention=True) is None
+    assert cache.lookup("plain", attention=False) is not None
+    assert cache.lookup("with", attention=True) is not None
+
+
+def test_resizing_drops_what_no_longer_fits_and_zero_turns_it_off() -> None:
+    one = entry(10).nbytes
+    cache = PromptCache(3 * one, min_tokens=5)
+    for key in "abc":
+        cache.keep(key, entry(10))
+    cache.resize(one)
+    assert len(cache) == 1 and cache.lookup("c", attention=False) is not None
+    assert cache.admits(5) and not cache.admits(4)
+    cache.resize(0)
+    assert len(cache) == 0 and not cache.admits(10**6)
+    cache.keep("d", entry(10))
+    assert len(cache) == 0
+
+
+# ----- on the real model --------------------------------------------------------------------------
+
+@pytest.fixture
+def kept(engine):
+    """A fresh cache on the engine (prompts of 40 tokens or more), the engine's own back after."""
+    if engine.prompt_cache is None:
+        pytest.fail("the default model runs on the lean runner, which keeps prefills")
+    before = engine.prompt_cache
+    engine.prompt_cache = PromptCache(10**9, min_tokens=40)
+    try:
+        yield engine.prompt_cache
+    finally:
+        engine.prompt_cache = before
+
+
+def prompt(engine, n: int = 60, variant: int = 0) -> tuple[int, ...]:
+    """``n`` token ids of ordinary text (``variant`` changes the last one)."""
+    ids = engine.encode("The river ran past the old mill, and the miller's children watched "
+                        "the boats go by each morning before school. " * 6)[:n]
+    return tuple(ids[:-1]) + ((ids[-1] + variant) % engine.vocab_size,)
+
+
+def run(engine, ids: tuple[int, ...], **settings) -> list[tuple]:
+    """Every figure of every token of a run."""
+    s = SampleSettings(max_len=8, temperature=1.0, nucleus_p=0.95, top_k=5, stop_at_eos=False,
+                       **settings)
+    return [(t.token_id, t.prob, t.raw_prob, t.logprob, t.entropy, t.rank, t.attn_weights,
+             tuple((k.token_id, k.prob, k.logprob) for k in t.top_k))
+            for t in engine.start([TokenIdsPart(ids)], s) if isinstance(t, Token)]
+
+
+def test_a_reused_prefill_gives_exactly_the_run_that_prefills(engine, kept) -> None:
+    ids = prompt(engine)
+    kept.resize(0)
+    fresh = {seed: run(engine, ids, rng_seed=seed) for seed in (1, 2)}
+    kept.resize(10**9)
+    first = run(engine, ids, rng_seed=1)  # prefills and keeps
+    assert (kept.hits, kept.misses, len(kept)) == (0, 1, 1)
+    # Another seed decodes other tokens into its own copy: the kept entry must not change.
+    assert run(engine, ids, rng_seed=2) == fresh[2]
+    assert run(engine, ids, rng_seed=1) == first == fresh[1]
+    assert (kept.hits, kept.misses) == (2, 1)
+    length = len(ids)
+    layers, kv_heads, head_dim = (engine._fast.num_layers, engine._fast.num_kv,
+                                  engine._fast.head_dim)
+    assert kept.nbytes == 2 * layers * kv_heads * length * head_dim * 4 + engine.vocab_size * 4
+
+
+def test_attention_is_kept_when_asked_for_and_reused_exactly(engine, kept) -> None:
+    ids = prompt(engine)
+    kept.resize(0)
+    fresh = run(engine, ids, rng_seed=3, return_attention=True)
+    kept.resize(10**9)
+    run(engine, ids, rng_seed=3)  # kept without attention
+    assert run(engine, ids, rng_seed=3, return_attention=True) == fresh  # a miss: prefills
+    assert (kept.hits, kept.misses) == (0, 2)
+    assert run(engine, ids, rng_seed=3, return_attention=True) == fresh  # now a hit
+    assert run(engine, ids, rng_seed=3) == [t[:6] + ((),) + t[7:] for t in fresh]
+    assert (kept.hits, kept.misses) == (2, 2)
+
+
+def test_only_the_same_prompt_long_enough_and_unscored_is_reused(engine, kept) -> None:
+    run(engine, prompt(engine))
+    run(engine, prompt(engine, variant=1))  # one token differs: its own prefill
+    assert (kept.hits, kept.misses, len(kept)) == (0, 2, 2)
+    run(engine, prompt(engine)[:39])  # under min_tokens: never looked up
+    run(engine, prompt(engine), score_prompt=True)  # every position's logits: prefills
+    assert (kept.hits, kept.misses, len(kept)) == (0, 2, 2)
+
+
+def test_a_reuse_fills_every_prompt_position_of_the_new_cache(engine, kept) -> None:
+    ids = prompt(engine)
+    length = len(ids)
+    plan = engine.plan([TokenIdsPart(ids)], SampleSettings(max_len=4))
+    reference = engine._new_cache(length + 4)
+    logits, _ = engine._prefill(plan, reference, all_logits=False, attention=False)
+    engine._prefill_or_reuse(plan, engine._new_cache(length + 4), all_logits=False,
+                             attention=False)  # prefills and keeps
+    restored = engine._new_cache(length + 4)
+    restored.keys.fill_(float("nan"))  # whatever memory the new cache got must not show
+    restored.values.fill_(float("nan"))
+    again, rows = engine._prefill_or_reuse(plan, restored, all_logits=False, attention=False)
+    assert kept.hits == 1 and restored.length == length and rows is None
+    assert torch.equal(restored.keys[:, :, :length], reference.keys[:, :, :length])
+    assert torch.equal(restored.values[:, :, :length], reference.values[:, :, :length])
+    assert torch.equal(again, logits)
