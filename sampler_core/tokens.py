@@ -114,7 +114,9 @@ class RunSummary:
     ``notes`` holds things the user should see, for example a stop token that is not one
     vocabulary token and was therefore ignored. ``prefill`` is how the prompt's forward
     actually computed (``float32``, exact, or an inexact mode asked for by name); empty when
-    the engine did not say (an older server).
+    the engine did not say (an older server). ``prefill_reused``: the prompt's forward was not
+    run, its result copied from an earlier run of the same prompt (bit for bit the same; why
+    the first token came at once).
     """
 
     model_name: str
@@ -124,3 +126,4 @@ class RunSummary:
     stop_match: str | None = None
     notes: tuple[str, ...] = ()
     prefill: str = ""
+    prefill_reused: bool = False

@@ -180,8 +180,17 @@ def test_a_reuse_fills_every_prompt_position_of_the_new_cache(engine, kept) -> N
     restored = engine._new_cache(length + 4)
     restored.keys.fill_(float("nan"))  # whatever memory the new cache got must not show
     restored.values.fill_(float("nan"))
-    again, rows = engine._prefill_or_reuse(plan, restored, all_logits=False, attention=False)
-    assert kept.hits == 1 and restored.length == length and rows is None
+    again, rows, reused = engine._prefill_or_reuse(plan, restored, all_logits=False,
+                                                   attention=False)
+    assert reused and kept.hits == 1 and restored.length == length and rows is None
     assert torch.equal(restored.keys[:, :, :length], reference.keys[:, :, :length])
     assert torch.equal(restored.values[:, :, :length], reference.values[:, :, :length])
     assert torch.equal(again, logits)
+
+
+def test_the_summary_says_whether_the_prefill_was_reused(engine, kept) -> None:
+    ids = prompt(engine, variant=2)
+    settings = SampleSettings(max_len=2, stop_at_eos=False)
+    summaries = [list(engine.start([TokenIdsPart(ids)], settings))[-1] for _ in range(2)]
+    assert [s.prefill_reused for s in summaries] == [False, True]
+    assert summaries[1].prefill == summaries[0].prefill == "float32"

@@ -151,6 +151,36 @@ def test_prefill_travels_both_ways(wire_server, engine) -> None:
     assert "'int8'" in refused.details()
 
 
+def test_a_reused_prefill_is_said_in_the_summary_over_the_wire(wire_server) -> None:
+    """The same long prompt twice: the second run's prefill is the first one's, its summary
+    says so (an extension field), and its tokens are the same."""
+    text = ("Notes from the wire test of kept prefills: the ferry left at nine, the harbour "
+            "master logged the tide, and the gulls followed the boat out past the pier. " * 3)
+
+    def sample() -> tuple[list[int], pb.RunSummary]:
+        channel, stub = wire_server.stub()
+        with channel:
+            responses = list(stub.SampleTokens(sample_request(text=text, max_len=3, rng_seed=5,
+                                                              stop_at_eos=False), timeout=120))
+        return ([r.token.final_logit.token_id for r in responses if r.HasField("token")],
+                next(r.summary for r in responses if r.WhichOneof("response") == "summary"))
+
+    (first, before), (second, after) = sample(), sample()
+    assert before.num_prompt_tokens >= 64
+    assert (before.prefill_reused, after.prefill_reused) == (False, True)
+    assert first == second and len(first) == 3
+
+
+def test_a_run_summary_crosses_the_wire_whole() -> None:
+    """Every field of a RunSummary, extensions included, survives the proto and back."""
+    from sampler_core.wire import convert
+
+    for summary in (RunSummary("m", 70, 3, FinishReason.STOP_STRING, stop_match="\n\n",
+                               notes=("a", "b"), prefill="fixed16", prefill_reused=True),
+                    RunSummary("m", 2, 0, FinishReason.EOS)):
+        assert convert.summary_from_proto(convert.summary_to_proto(summary)) == summary
+
+
 def test_token_from_an_old_server_leaves_extensions_none() -> None:
     """A server without our extensions sends bare Logits: the Token's extra fields are None."""
     from sampler_core.wire import convert

@@ -146,6 +146,11 @@ def test_store_round_trip_and_code(tmp_path) -> None:
     assert "prefill='fast'" in store.python_code(labelled)
     assert views.prefill_tag(labelled.summary) == "prefill fast (not exact)"
     assert views.prefill_tag(summary) == "" and views.prefill_tag(None) == ""
+    reused = _run(run_id="r3", summary=replace(summary, prefill_reused=True))
+    store.save(reused, db)
+    assert store.load("r3", db).summary.prefill_reused and not back.summary.prefill_reused
+    assert views.reuse_tag(reused.summary) == "prefill reused"
+    assert views.reuse_tag(summary) == "" and views.reuse_tag(None) == ""
 
 
 def test_data_dir_from_env(monkeypatch, tmp_path) -> None:

@@ -112,7 +112,8 @@ def summary_to_dict(s: RunSummary | None) -> dict[str, Any] | None:
         return None
     return {"model_name": s.model_name, "num_prompt_tokens": s.num_prompt_tokens,
             "num_generated_tokens": s.num_generated_tokens, "finish_reason": s.finish_reason.value,
-            "stop_match": s.stop_match, "notes": list(s.notes), "prefill": s.prefill}
+            "stop_match": s.stop_match, "notes": list(s.notes), "prefill": s.prefill,
+            "prefill_reused": s.prefill_reused}
 
 
 def summary_from_dict(d: dict[str, Any] | None) -> RunSummary | None:
@@ -121,7 +122,7 @@ def summary_from_dict(d: dict[str, Any] | None) -> RunSummary | None:
         return None
     return RunSummary(d["model_name"], d["num_prompt_tokens"], d["num_generated_tokens"],
                       FinishReason(d["finish_reason"]), d.get("stop_match"), tuple(d.get("notes", ())),
-                      d.get("prefill", ""))
+                      d.get("prefill", ""), bool(d.get("prefill_reused", False)))
 
 
 def settings_from_dict(d: dict[str, Any]) -> SampleSettings:

@@ -208,6 +208,12 @@ def prefill_tag(summary: RunSummary | None) -> str:
     return f"prefill {summary.prefill} (not exact)"
 
 
+def reuse_tag(summary: RunSummary | None) -> str:
+    """A run's label when its prompt's forward was copied from an earlier run of the same
+    prompt (why its first token came at once; else empty)."""
+    return "prefill reused" if summary is not None and summary.prefill_reused else ""
+
+
 def divergence(runs: Sequence[Sequence[int]]) -> int | None:
     """The first index where the token-id sequences differ (None when all are identical)."""
     if len(runs) < 2:

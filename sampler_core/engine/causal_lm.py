@@ -329,13 +329,14 @@ class CausalLMEngine:
                              prefill=plan.prefill)
 
     def _prefill_or_reuse(self, plan: Plan, cache: DynamicCache | KVCache, *, all_logits: bool,
-                          attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          attention: bool) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """``_prefill``, or a copy of what the same prompt's prefill left before
-        (``prompt_cache.py``): token ids alone, on the lean runner's cache, last logits only."""
+        (``prompt_cache.py``): token ids alone, on the lean runner's cache, last logits only.
+        The flag says whether it was a copy."""
         kept = self.prompt_cache
         if (kept is None or all_logits or plan.extra is not None
                 or not isinstance(cache, KVCache) or not kept.admits(len(plan.prompt_ids))):
-            return self._prefill(plan, cache, all_logits=all_logits, attention=attention)
+            return (*self._prefill(plan, cache, all_logits=all_logits, attention=attention), False)
         # What the prefill computed from: the ids, and how (the mode and, for the benchmarks'
         # comparisons, which attention).
         key = (plan.prompt_ids, plan.prefill, self._fast.prefill_attention_kernel)
@@ -346,12 +347,12 @@ class CausalLMEngine:
             cache.values[:, :, :length].copy_(entry.values)
             cache.length = length
             rows = entry.rows.clone() if attention and entry.rows is not None else None
-            return entry.logits.clone(), rows
+            return entry.logits.clone(), rows, True
         logits, rows = self._prefill(plan, cache, all_logits=False, attention=attention)
         kept.keep(key, KeptPrefill(cache.keys[:, :, :length].clone(),
                                    cache.values[:, :, :length].clone(), logits.clone(),
                                    None if rows is None else rows.clone()))
-        return logits, rows
+        return logits, rows, False
 
     def _token(self, token_id: int, logits: torch.Tensor, processed: torch.Tensor | None,
                settings: SampleSettings, position: int, token_type: TokenType,
@@ -409,8 +410,8 @@ class CausalLMEngine:
         finish, match = FinishReason.MAX_LEN, None
         # Prefill: the whole prompt in one pass (or a copy of the same prompt's last one);
         # logits for every position only when scoring.
-        logits, rows = self._prefill_or_reuse(plan, cache, all_logits=s.score_prompt,
-                                              attention=s.return_attention and s.max_len > 0)
+        logits, rows, reused = self._prefill_or_reuse(
+            plan, cache, all_logits=s.score_prompt, attention=s.return_attention and s.max_len > 0)
         if s.score_prompt:
             yield from self._score_prompt(plan, logits)
         last = logits[-1]
@@ -448,7 +449,8 @@ class CausalLMEngine:
                 last = logits[-1]
         yield RunSummary(model_name=self.name, num_prompt_tokens=len(plan.prompt_ids),
                          num_generated_tokens=len(generated), finish_reason=finish,
-                         stop_match=match, notes=plan.notes, prefill=plan.prefill)
+                         stop_match=match, notes=plan.notes, prefill=plan.prefill,
+                         prefill_reused=reused)
 
     def _stop_string(self, generated: list[int], stop_strings: tuple[str, ...]) -> str | None:
         """The first stop string the generated text now contains, if any."""

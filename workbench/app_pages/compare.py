@@ -7,7 +7,8 @@ import streamlit as st
 from workbench import images, state
 from workbench.components import chips, sidebar
 from workbench.execute import stream_run, with_image_settings
-from workbench.views import RunResult, divergence, prefill_tag, total_logprob, visible
+from workbench.views import (RunResult, divergence, prefill_tag, reuse_tag, total_logprob,
+                             visible)
 
 
 def _pin(seed: int) -> None:
@@ -72,7 +73,8 @@ def page() -> None:
         with slot.container(border=True):
             st.markdown(f"**seed {run.settings.rng_seed}** · {len(run.generated)} tokens · "
                         f"Σ logprob {total_logprob(run.tokens):.2f}"
-                        + (f" · {prefill_tag(run.summary)}" if prefill_tag(run.summary) else ""))
+                        + (f" · {prefill_tag(run.summary)}" if prefill_tag(run.summary) else "")
+                        + (f" · {reuse_tag(run.summary)}" if reuse_tag(run.summary) else ""))
             chips.render(run.generated, marked=at)  # generated only: the prompt is shared
             st.button("Pin this seed", key=f"pin_{run.run_id}", on_click=_pin,
                       args=(run.settings.rng_seed,))

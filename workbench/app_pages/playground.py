@@ -13,7 +13,7 @@ from workbench import images, resources, state, store
 from workbench.components import chips, overlay, sidebar, topk
 from workbench.execute import stream_run, with_image_settings
 from workbench.views import (RunResult, branch_forced, image_chip_text, root_of, run_image_grids,
-                             prefill_tag, timing_line, token_label, token_rows, tree_rows,
+                             prefill_tag, reuse_tag, timing_line, token_label, token_rows, tree_rows,
                              visible)
 
 
@@ -214,6 +214,7 @@ def _summary(run: RunResult) -> None:
                    + (f" ({visible(s.stop_match)})" if s.stop_match else "")
                    + f" · seed {run.settings.rng_seed}"
                    + (f" · {prefill_tag(s)}" if prefill_tag(s) else "")
+                   + (f" · {reuse_tag(s)}" if reuse_tag(s) else "")
                    + (f" · {timing_line(run.timing)}" if run.timing else ""))
         for note in s.notes:
             st.warning(note)
