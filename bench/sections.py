@@ -38,19 +38,24 @@ void section_ticks_take(uint64_t* out) {
 #define TIMER_START uint64_t timer_ = __rdtsc();
 #define TIMER_STOP(i) { const uint64_t now_ = __rdtsc(); section_ticks[i] += now_ - timer_; timer_ = now_; }
 """
-# (where, pattern, timer): a timer statement goes before or after the first match.
+# (where, pattern, timer): a timer statement goes before or after the first match. Patterns
+# match the batched kernel (a loop over the step's sequences, ``r``) and the earlier one-row
+# kernel, so either can be the other checkout.
+_ROW_LOOP = r"(?:for \(int r = 0; r < count; r\+\+\)\n\s*)?"
 _MARKS = (
-    ("before", r"    rms_norm\(x, m->norm_in\[layer\]", "TIMER_START"),
-    ("after", r"w\[0\]\.s, q_size \+ 2 \* kv_size, qkv\);", "TIMER_STOP(1)"),
-    ("before", r"    const int pieces = \(pos \+ 1", "TIMER_STOP(0)"),
-    ("after", r"attention_combine\(&job, attended, rows\);", "TIMER_STOP(2)"),
+    ("before", _ROW_LOOP + r"rms_norm\(x(?: \+ \(size_t\)r \* hidden)?, m->norm_in\[layer\]",
+     "TIMER_START"),
+    ("after", r"w\[0\]\.s, (?:q_size \+ 2 \* kv_size|qkv_size), qkv\);", "TIMER_STOP(1)"),
+    ("before", r"const int pieces = \((?:seq->)?pos \+ 1", "TIMER_STOP(0)"),
+    ("after", r"attention_combine\(&job, attended[^;]*\);", "TIMER_STOP(2)"),
     ("after", r"w\[1\]\.s, hidden, add\);", "TIMER_STOP(3)"),
-    ("before", r"    rms_norm\(x, m->norm_post\[layer\]", "TIMER_STOP(0)"),
-    ("after", r"2 \* intermediate, gate_up[^;]*\);", "TIMER_STOP(4)"),
-    ("after", r"silu_times\(gate_up, gate_up \+ intermediate, intermediate, act\);",
+    ("before", _ROW_LOOP + r"rms_norm\(x(?: \+ \(size_t\)r \* hidden)?, m->norm_post\[layer\]",
      "TIMER_STOP(0)"),
+    ("after", r"2 \* intermediate, gate_up[^;]*\);", "TIMER_STOP(4)"),
+    ("after", r"silu_times\(gate[^;]*\);", "TIMER_STOP(0)"),
     ("after", r"w\[3\]\.s, hidden, add\);", "TIMER_STOP(5)"),
-    ("before", r"    rms_norm\(x, m->norm_final", "TIMER_START"),
+    ("before", _ROW_LOOP + r"rms_norm\(x(?: \+ \(size_t\)r \* m->hidden)?, m->norm_final",
+     "TIMER_START"),
     ("after", r"m->vocab, logits\);", "TIMER_STOP(6)"),
 )
 

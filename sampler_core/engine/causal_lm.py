@@ -8,6 +8,7 @@ pick, record. Attention rows come from the registered row-only attention functio
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -22,6 +23,7 @@ from sampler_core.engine.models import LoadedModel
 from sampler_core.engine.packed import packed_for
 from sampler_core.engine.processors import LogitsProcessor, argmax, build_chain, draw
 from sampler_core.engine.prompt_cache import KeptPrefill, PromptCache, budget_from_env
+from sampler_core.engine.step_batcher import StepBatcher
 from sampler_core.engine.threads import one_thread
 from sampler_core.errors import ContextOverflow, InvalidInput, InvalidSettings
 from sampler_core.inputs import ImagePart, PromptPart, TextPart, TokenIdsPart
@@ -102,6 +104,9 @@ class CausalLMEngine:
                       if supports(self.model) else None)
         #: Prefills kept for runs of the same prompt (the lean runner's caches only).
         self.prompt_cache = PromptCache(budget_from_env()) if self._fast is not None else None
+        #: Decode steps of runs decoding at once, taken together on the packed CPU path.
+        self._batcher = (StepBatcher(self._fast.decode_many, self._fast.max_batch, self._steps)
+                         if self._fast is not None and self._fast.packed is not None else None)
 
     # ----- tokenizer -------------------------------------------------------------------------
 
@@ -289,6 +294,9 @@ class CausalLMEngine:
         """
         if isinstance(cache, KVCache):
             embeds = inputs["inputs_embeds"][0] if inputs is not None else None
+            if embeds is None and len(ids) == 1 and self._batched(cache):
+                # A decode step, with whatever other runs' steps meet it (step_batcher.py).
+                return self._batcher.step((ids[0], cache, attention))
             with self._steps:  # one forward at a time, in arrival order: runs interleave fairly
                 if embeds is None and len(ids) == 1:  # a decode step: the leanest call
                     logits, rows = self._fast.decode(ids[0], cache, attention=attention)
@@ -311,6 +319,11 @@ class CausalLMEngine:
             finally:
                 self._recorder.armed = False
         return out.logits[0].float().cpu(), None if rows is None else rows.float().cpu()
+
+    def _batched(self, cache: DynamicCache | KVCache) -> bool:
+        """Whether this run's decode steps go through the step batcher."""
+        return (self._batcher is not None and isinstance(cache, KVCache)
+                and self._fast.batchable(cache))
 
     def _new_cache(self, capacity: int) -> DynamicCache | KVCache:
         """A KV cache for one run: preallocated for the lean runner, else transformers' own.
@@ -415,38 +428,40 @@ class CausalLMEngine:
         if s.score_prompt:
             yield from self._score_prompt(plan, logits)
         last = logits[-1]
-        for index in range(s.max_len):
-            # 1. Stop promptly when the caller has gone away.
-            if cancelled():
-                finish = FinishReason.CANCELLED
-                break
-            # 2. Processors (masks, temperature, nucleus) turn raw logits into the sampling law.
-            #    This vocabulary math runs on this thread alone (see threads.py).
-            with one_thread():
-                processed = torch.softmax(plan.chain(last), dim=-1)
-                # 3. Pick: argmax when greedy, else a draw from the seeded generator.
-                token_id = argmax(processed) if s.greedy else draw(processed, rng)
-            # 4. A stop token or EOS ends the run and is not part of the output.
-            if token_id in plan.stop_ids or (s.stop_at_eos and token_id == self.eos_id):
-                finish = FinishReason.STOP_TOKEN if token_id in plan.stop_ids else FinishReason.EOS
-                match = plan.stop_ids.get(token_id, self.piece(token_id))
-                break
-            # 5. Record the token with its raw and processed probabilities, top-k, attention.
-            generated.append(token_id)
-            with one_thread():
-                token = self._token(token_id, last, processed, s, len(plan.prompt_ids) + index,
-                                    TokenType.MODEL, rows)
-            yield token
-            # 6. A stop string ends the run after the token that completed it.
-            match = self._stop_string(generated, s.stop_strings)
-            if match is not None:
-                finish = FinishReason.STOP_STRING
-                break
-            # 7. Feed the token back in, unless this was the last one.
-            if index + 1 < s.max_len:
-                logits, rows = self._forward([token_id], cache, all_logits=False,
-                                             attention=s.return_attention)
-                last = logits[-1]
+        # From here on a step of this run may meet other runs' steps (step_batcher.py).
+        with self._batcher.decoding() if self._batched(cache) else nullcontext():
+            for index in range(s.max_len):
+                # 1. Stop promptly when the caller has gone away.
+                if cancelled():
+                    finish = FinishReason.CANCELLED
+                    break
+                # 2. Processors (masks, temperature, nucleus) turn raw logits into the sampling law.
+                #    This vocabulary math runs on this thread alone (see threads.py).
+                with one_thread():
+                    processed = torch.softmax(plan.chain(last), dim=-1)
+                    # 3. Pick: argmax when greedy, else a draw from the seeded generator.
+                    token_id = argmax(processed) if s.greedy else draw(processed, rng)
+                # 4. A stop token or EOS ends the run and is not part of the output.
+                if token_id in plan.stop_ids or (s.stop_at_eos and token_id == self.eos_id):
+                    finish = FinishReason.STOP_TOKEN if token_id in plan.stop_ids else FinishReason.EOS
+                    match = plan.stop_ids.get(token_id, self.piece(token_id))
+                    break
+                # 5. Record the token with its raw and processed probabilities, top-k, attention.
+                generated.append(token_id)
+                with one_thread():
+                    token = self._token(token_id, last, processed, s, len(plan.prompt_ids) + index,
+                                        TokenType.MODEL, rows)
+                yield token
+                # 6. A stop string ends the run after the token that completed it.
+                match = self._stop_string(generated, s.stop_strings)
+                if match is not None:
+                    finish = FinishReason.STOP_STRING
+                    break
+                # 7. Feed the token back in, unless this was the last one.
+                if index + 1 < s.max_len:
+                    logits, rows = self._forward([token_id], cache, all_logits=False,
+                                                 attention=s.return_attention)
+                    last = logits[-1]
         yield RunSummary(model_name=self.name, num_prompt_tokens=len(plan.prompt_ids),
                          num_generated_tokens=len(generated), finish_reason=finish,
                          stop_match=match, notes=plan.notes, prefill=plan.prefill,

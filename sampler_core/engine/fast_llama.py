@@ -13,7 +13,8 @@ memory floor. This runner does the same arithmetic, in float32 and in the same o
 With packed weights (``packed.py``: a GGUF model's own Q4_1/Q8_0 blocks, bit for bit the
 float32 weights) a decode step is one C call for the whole model (per layer: norm, q/k/v,
 rotary, cache write, attention with its weights, MLP; then the final norm and the output head)
-reading 97 MB instead of 538; short prefills use the packed matmul, long ones BLAS on one
+reading 97 MB instead of 538 (and up to four concurrent runs' steps are one call,
+``decode_many``); short prefills use the packed matmul, long ones BLAS on one
 layer's weights rebuilt at a time (or, opted into with ``PROMPT_IDE_PREFILL=fixed16`` or
 ``fast``, 16- or 8-bit fixed-point activations on VNNI, and for ``fast`` bfloat16 attention
 products: faster, not exact), and prefill attention is a float32
@@ -33,7 +34,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,8 @@ class FastLlama:
                               for p in self.packed.layers[0]]
             # Longer contexts decode through the loop below (packed matmuls, torch attention).
             self._decode_max_context = self._kernel.decode_max_context()
+            # decode_many's scratch, grown as needed (forwards run one at a time).
+            self._batch_scratch = torch.empty(0)
             # What the C decode step reads; it points into tensors this runner keeps.
             self._decode_model = packed_kernels.decode_struct(
                 self.packed, norms_in=[layer[0] for layer in self.layers],
@@ -391,6 +394,60 @@ class FastLlama:
             values.repeat_interleave(self.group, 0).unsqueeze(0), is_causal=start == 0,
             attn_mask=None if start == 0 else self._prefix_mask(start, steps, q.device))
         return out[0].transpose(0, 1).reshape(steps, self.q_size)
+
+    @property
+    def max_batch(self) -> int:
+        """How many runs' decode steps ``decode_many`` takes at once (1 without the kernel)."""
+        return self._kernel.decode_max_seqs() if self.packed is not None else 1
+
+    def batchable(self, cache: KVCache) -> bool:
+        """Whether a decode step on ``cache`` can share ``decode_many`` with others: the packed
+        CPU path (the kernel's batched step), within its context limit."""
+        return (self.packed is not None and not self.cuda_graphs
+                and self.embed.dtype == torch.float32 and self.embed.is_contiguous()
+                and cache.length + 1 <= self._decode_max_context)
+
+    def decode_many(self, steps: Sequence[tuple[int, KVCache, bool]]
+                    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Several runs' decode steps, ``(token id, cache, attention)`` each (every cache
+        ``batchable``, at most ``max_batch``), in one C call that reads the weights once for
+        all; each gets bit for bit what ``decode`` gives it alone: logits ``[1, vocab]`` and,
+        when asked, attention rows ``[layer, head, context]``."""
+        if not 1 <= len(steps) <= self.max_batch:
+            raise ValueError(f"decode_many takes 1 to {self.max_batch} steps, got {len(steps)}")
+        if len(steps) == 1:  # alone: the leanest call (its buffers kept in the run's cache)
+            token_id, cache, attention = steps[0]
+            return [self.decode(token_id, cache, attention=attention)]
+        lib, count = self._kernel, len(steps)
+        lib.pool_threads(torch.get_num_threads())  # as many as torch uses, if changed since
+        starts = [self._next_position(cache) for _, cache, _ in steps]
+        self._rotary_pointers(max(starts))  # grow the tables first: then no pointer moves
+        x = torch.empty(count, self.hidden)
+        row_bytes = self.hidden * self.embed.element_size()
+        seqs = (packed_kernels.DecodeSeqStruct * count)()
+        rows: list[torch.Tensor | None] = []
+        for n, ((token_id, cache, attention), start) in enumerate(zip(steps, starts)):
+            if not 0 <= token_id < self.embed.shape[0]:
+                raise ValueError(f"token id {token_id} is outside the vocabulary "
+                                 f"(0..{self.embed.shape[0] - 1})")
+            ctypes.memmove(x.data_ptr() + n * row_bytes,
+                           self.embed.data_ptr() + token_id * row_bytes, row_bytes)
+            rows.append(torch.empty(self.num_layers, self.num_heads, start + 1)
+                        if attention else None)
+            cos, sin = self._rotary_pointers(start)
+            seqs[n] = packed_kernels.DecodeSeqStruct(
+                cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape[2], start, cos,
+                sin, None if rows[n] is None else rows[n].data_ptr())
+        model = ctypes.byref(self._decode_model)
+        floats = lib.decode_batch_scratch_floats(model, count, max(starts) + 1)
+        if self._batch_scratch.numel() < floats:  # reused step after step (one at a time)
+            self._batch_scratch = torch.empty(floats)
+        logits = torch.empty(count, self._decode_model.vocab)
+        lib.decode_batch(model, count, seqs, x.data_ptr(), self._batch_scratch.data_ptr(),
+                         logits.data_ptr())
+        for _, cache, _ in steps:
+            cache.length += 1
+        return [(logits[n:n + 1], rows[n]) for n in range(count)]
 
     def decode(self, token_id: int, cache: KVCache, *, attention: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -21,7 +21,8 @@ The blocks are stored rearranged (quants of a row together, its float16 scales t
 ``packed_kernel.c``) in a cache file beside the converted model, so the kernel widens a row's
 scales sixteen at a time and rebuilds a Q4_1 block's 32 weights from a 16-entry table with two
 lane permutes. ``decode_step`` runs one whole decode step (every layer, the final norm and the
-output head) in one call. Long prefills take ``prefill_attention.c`` (float32 causal
+output head) in one call; ``decode_batch`` runs up to four runs' steps in one, each on its own
+cache, reading the weights once for all (``step_batcher.py`` gathers them). Long prefills take ``prefill_attention.c`` (float32 causal
 attention) and ``prefill_ops.c``; when asked for by name (``prefill="fixed16"`` or ``"fast"``
 per run, or ``PROMPT_IDE_PREFILL``), ``prefill_kernel.c`` (16- or 8-bit fixed-point
 activations on VNNI; not exact).
@@ -128,6 +129,15 @@ def load_kernel(sources: tuple[Path, ...] = _SOURCES) -> Any:
     lib.decode_step.restype = None
     lib.decode_scratch_floats.argtypes = [ctypes.POINTER(PackedModelStruct), ctypes.c_int]
     lib.decode_scratch_floats.restype = ctypes.c_int
+    if hasattr(lib, "decode_batch"):  # an earlier checkout's kernel (bench/sections.py) lacks it
+        lib.decode_batch.argtypes = [ctypes.POINTER(PackedModelStruct), ctypes.c_int,
+                                     ctypes.POINTER(DecodeSeqStruct), ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_void_p]
+        lib.decode_batch.restype = None
+        lib.decode_batch_scratch_floats.argtypes = [ctypes.POINTER(PackedModelStruct),
+                                                    ctypes.c_int, ctypes.c_int]
+        lib.decode_batch_scratch_floats.restype = ctypes.c_size_t
+        lib.decode_max_seqs.restype = ctypes.c_int
     lib.packed_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.packed_dequantize.restype = None
@@ -308,6 +318,14 @@ class PackedModelStruct(ctypes.Structure):
                 ("norm_post", ctypes.POINTER(ctypes.c_void_p)),
                 ("linears", ctypes.POINTER(PackedWeightStruct)),
                 ("norm_final", ctypes.c_void_p), ("head", PackedWeightStruct)]
+
+
+class DecodeSeqStruct(ctypes.Structure):
+    """``decode_seq`` in packed_kernel.c: one sequence of a batched decode step."""
+
+    _fields_ = [("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
+                ("capacity", ctypes.c_int), ("pos", ctypes.c_int),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("rows", ctypes.c_void_p)]
 
 
 @dataclass

@@ -503,88 +503,153 @@ typedef struct {
     packed_weight head;             /* [vocab, hidden] as head_kind */
 } packed_model;
 
-/* Floats of scratch decode_step needs for a context of ``context`` positions. */
-int decode_scratch_floats(const packed_model* m, int context) {
-    const int q_size = m->heads * m->head_dim, kv_size = m->kv_heads * m->head_dim;
+/* One sequence of a decode step: its cache, the position it writes and what it reads there. */
+typedef struct {
+    float* keys;   /* the run's cache, [layers, kv_heads, capacity, head_dim] */
+    float* values;
+    int capacity, pos;
+    const float *cos, *sin; /* the rotary rows of ``pos`` */
+    float* rows;            /* [layers, heads, pos + 1] for the attention weights, or NULL */
+} decode_seq;
+
+/* Sequences one decode step runs together at most (the products keep that many rows in
+ * registers, so the weights are read once for all of them). */
+enum { MAX_SEQS = 4 };
+
+/* Floats of scratch for one sequence's attention at a context of ``context`` positions. */
+static size_t attention_scratch_floats(const packed_model* m, int context) {
     const int pieces = (context + ATTENTION_PIECE - 1) / ATTENTION_PIECE;
-    return 2 * m->hidden + 2 * q_size + 2 * kv_size + 3 * m->intermediate + m->heads * context
-           + pieces * m->heads * (m->head_dim + 2);
+    return (size_t)m->heads * context + (size_t)pieces * m->heads * (m->head_dim + 2);
 }
 
-/* One Llama layer for one new position ``pos``, in place on ``x``: see decode_step. */
-static void decode_layer(const packed_model* m, int layer, float* x, const float* cos,
-                         const float* sin, float* keys, float* values, int capacity, int pos,
-                         float* rows, float* scratch, const float* next_keys,
-                         const float* next_values) {
+/* Floats of one sequence's row in each of the step's buffers (normed, q/k/v, attended,
+ * gate/up, act). */
+static size_t row_floats(const packed_model* m) {
+    const int q_size = m->heads * m->head_dim, kv_size = m->kv_heads * m->head_dim;
+    return (size_t)m->hidden + q_size + 2 * kv_size + q_size + 3 * (size_t)m->intermediate;
+}
+
+/* Floats of scratch decode_batch needs for ``count`` sequences of at most ``context``
+ * positions each. */
+size_t decode_batch_scratch_floats(const packed_model* m, int count, int context) {
+    return (size_t)count * (row_floats(m) + attention_scratch_floats(m, context));
+}
+
+/* Floats of scratch decode_step needs for a context of ``context`` positions. */
+int decode_scratch_floats(const packed_model* m, int context) {
+    return (int)decode_batch_scratch_floats(m, 1, context);
+}
+
+/* One Llama layer for ``count`` sequences' new positions, in place on x [count, hidden]: see
+ * decode_batch. The four products take every sequence's row at once. Inlined, so a lone
+ * sequence's step (decode_step) compiles with count = 1 made a constant. */
+static inline __attribute__((always_inline)) void decode_layer(
+    const packed_model* m, int layer, const int count, const decode_seq* seqs, float* x,
+    float* scratch, int context) {
     const int hidden = m->hidden, heads = m->heads, kv_heads = m->kv_heads;
     const int head_dim = m->head_dim, intermediate = m->intermediate;
     const int q_size = heads * head_dim, kv_size = kv_heads * head_dim;
+    const int qkv_size = q_size + 2 * kv_size;
     const packed_weight* w = m->linears + 4 * layer;
-    float* normed = scratch;
-    float* qkv = normed + hidden;
-    float* attended = qkv + q_size + 2 * kv_size;
-    float* gate_up = attended + q_size;
-    float* act = gate_up + 2 * intermediate;
-    float* weights = act + intermediate;
-    float* partial = weights + (size_t)heads * (pos + 1);
+    /* Each buffer holds a row per sequence. */
+    float* normed = scratch;                                 /* [count, hidden] */
+    float* qkv = normed + (size_t)count * hidden;            /* [count, qkv_size] */
+    float* attended = qkv + (size_t)count * qkv_size;        /* [count, q_size] */
+    float* gate_up = attended + (size_t)count * q_size;      /* [count, 2 * intermediate] */
+    float* act = gate_up + (size_t)count * 2 * intermediate; /* [count, intermediate] */
+    float* attention = act + (size_t)count * intermediate;   /* per sequence: weights, partial */
     float* add = normed; /* o and down outputs reuse the normed buffer */
 
     /* Attention block: norm, q/k/v, rotary, cache write, attention (weights kept), output. */
-    rms_norm(x, m->norm_in[layer], hidden, m->eps, normed);
-    packed_matmul(Q4_1, normed, 1, hidden, w[0].q, w[0].s, q_size + 2 * kv_size, qkv);
-    for (int h = 0; h < heads + kv_heads; h++) rope(qkv + h * head_dim, cos, sin, head_dim);
-    for (int h = 0; h < kv_heads; h++) {
-        memcpy(keys + ((size_t)h * capacity + pos) * head_dim, qkv + q_size + h * head_dim,
-               head_dim * sizeof(float));
-        memcpy(values + ((size_t)h * capacity + pos) * head_dim,
-               qkv + q_size + kv_size + h * head_dim, head_dim * sizeof(float));
+    for (int r = 0; r < count; r++)
+        rms_norm(x + (size_t)r * hidden, m->norm_in[layer], hidden, m->eps,
+                 normed + (size_t)r * hidden);
+    packed_matmul(Q4_1, normed, count, hidden, w[0].q, w[0].s, qkv_size, qkv);
+    for (int r = 0; r < count; r++) {
+        const decode_seq* seq = seqs + r;
+        const int pos = seq->pos, capacity = seq->capacity;
+        float* row = qkv + (size_t)r * qkv_size;
+        float* keys = seq->keys + (size_t)layer * kv_heads * capacity * head_dim;
+        float* values = seq->values + (size_t)layer * kv_heads * capacity * head_dim;
+        for (int h = 0; h < heads + kv_heads; h++) rope(row + h * head_dim, seq->cos, seq->sin, head_dim);
+        for (int h = 0; h < kv_heads; h++) {
+            memcpy(keys + ((size_t)h * capacity + pos) * head_dim, row + q_size + h * head_dim,
+                   head_dim * sizeof(float));
+            memcpy(values + ((size_t)h * capacity + pos) * head_dim,
+                   row + q_size + kv_size + h * head_dim, head_dim * sizeof(float));
+        }
+        float* weights = attention + (size_t)r * attention_scratch_floats(m, context);
+        const int pieces = (pos + 1 + ATTENTION_PIECE - 1) / ATTENTION_PIECE;
+        const attention_job job = {row, keys, values, weights, weights + (size_t)heads * (pos + 1),
+                                   capacity, pos + 1, head_dim, heads, heads / kv_heads, pieces,
+                                   m->scale};
+        parallel(attention_piece, &job, kv_heads * pieces);
+        float* rows = seq->rows == NULL ? NULL : seq->rows + (size_t)layer * heads * (pos + 1);
+        attention_combine(&job, attended + (size_t)r * q_size, rows);
     }
-    const int pieces = (pos + 1 + ATTENTION_PIECE - 1) / ATTENTION_PIECE;
-    const attention_job job = {qkv, keys, values, weights, partial, capacity, pos + 1, head_dim,
-                               heads, heads / kv_heads, pieces, m->scale};
-    parallel(attention_piece, &job, kv_heads * pieces);
-    attention_combine(&job, attended, rows);
-    packed_matmul(Q4_1, attended, 1, q_size, w[1].q, w[1].s, hidden, add);
-    for (int i = 0; i < hidden; i++) x[i] += add[i];
+    packed_matmul(Q4_1, attended, count, q_size, w[1].q, w[1].s, hidden, add);
+    for (size_t i = 0; i < (size_t)count * hidden; i++) x[i] += add[i];
 
     /* MLP block: norm, gate and up, SiLU(gate) * up, down; meanwhile (during gate and up) the
-     * next layer's keys and values come into cache for its attention. */
+     * next layer's keys and values come into cache for its attention (the first sequence's:
+     * the budget is one sequence's). */
+    const decode_seq* first = seqs;
     const int ahead = kv_heads < SIDE_RANGES / 2 ? kv_heads : SIDE_RANGES / 2;
     const size_t budget = SIDE_BYTES / (2 * (size_t)ahead * head_dim * sizeof(float));
-    side_region next = {.ranges = 0, .range_bytes = (size_t)(pos + 1 < budget ? pos + 1 : budget)
-                                                    * head_dim * sizeof(float)};
-    for (int h = 0; next_keys != NULL && h < ahead; h++) {
-        next.start[next.ranges++] = (const char*)(next_keys + (size_t)h * capacity * head_dim);
-        next.start[next.ranges++] = (const char*)(next_values + (size_t)h * capacity * head_dim);
+    const size_t positions = (size_t)first->pos + 1 < budget ? (size_t)first->pos + 1 : budget;
+    side_region next = {.ranges = 0, .range_bytes = positions * head_dim * sizeof(float)};
+    for (int h = 0; layer + 1 < m->layers && h < ahead; h++) {
+        const size_t at = ((size_t)(layer + 1) * kv_heads + h) * first->capacity * head_dim;
+        next.start[next.ranges++] = (const char*)(first->keys + at);
+        next.start[next.ranges++] = (const char*)(first->values + at);
     }
-    rms_norm(x, m->norm_post[layer], hidden, m->eps, normed);
-    matmul_side(Q4_1, normed, 1, hidden, w[2].q, w[2].s, 2 * intermediate, gate_up, &next);
-    silu_times(gate_up, gate_up + intermediate, intermediate, act);
-    packed_matmul(Q4_1, act, 1, intermediate, w[3].q, w[3].s, hidden, add);
-    for (int i = 0; i < hidden; i++) x[i] += add[i];
+    for (int r = 0; r < count; r++)
+        rms_norm(x + (size_t)r * hidden, m->norm_post[layer], hidden, m->eps,
+                 normed + (size_t)r * hidden);
+    matmul_side(Q4_1, normed, count, hidden, w[2].q, w[2].s, 2 * intermediate, gate_up, &next);
+    for (int r = 0; r < count; r++) {
+        const float* gate = gate_up + (size_t)r * 2 * intermediate;
+        silu_times(gate, gate + intermediate, intermediate, act + (size_t)r * intermediate);
+    }
+    packed_matmul(Q4_1, act, count, intermediate, w[3].q, w[3].s, hidden, add);
+    for (size_t i = 0; i < (size_t)count * hidden; i++) x[i] += add[i];
 }
 
-/* One decode step of the whole model for the new position ``pos``: x (its embedding, updated
- * in place) through every layer, the final norm and the output head into ``logits`` [vocab].
- *
- * keys/values: the run's cache, [layers, kv_heads, capacity, head_dim]; the new key and value
- * are written at ``pos`` and the query attends to positions 0..pos. ``rows`` (or NULL)
- * receives the attention weights, [layers, heads, pos + 1]. ``scratch`` holds
- * decode_scratch_floats(m, pos + 1) floats.
- */
+/* decode_batch's work, inlined there and (with count = 1, a constant) into decode_step. */
+static inline __attribute__((always_inline)) void decode_seqs(
+    const packed_model* m, const int count, const decode_seq* seqs, float* x, float* scratch,
+    float* logits) {
+    int context = 1;
+    for (int r = 0; r < count; r++) context = seqs[r].pos + 1 > context ? seqs[r].pos + 1 : context;
+    for (int layer = 0; layer < m->layers; layer++)
+        decode_layer(m, layer, count, seqs, x, scratch, context);
+    for (int r = 0; r < count; r++)
+        rms_norm(x + (size_t)r * m->hidden, m->norm_final, m->hidden, m->eps,
+                 scratch + (size_t)r * m->hidden);
+    packed_matmul(m->head_kind, scratch, count, m->hidden, m->head.q, m->head.s, m->vocab, logits);
+}
+
+/* One decode step of the whole model for ``count`` (1..MAX_SEQS) sequences, each at its own
+ * new position: x (their embeddings, [count, hidden], updated in place) through every layer,
+ * the final norm and the output head into ``logits`` [count, vocab]. Each sequence writes its
+ * new key and value at its ``pos`` and attends to its positions 0..pos; its ``rows`` (or NULL)
+ * receives the attention weights. ``scratch`` holds decode_batch_scratch_floats(m, count, c)
+ * floats, c the largest pos + 1. Every output is summed in the same order whatever ``count``
+ * is, so a sequence's results do not depend on which others share its step. */
+void decode_batch(const packed_model* m, int count, const decode_seq* seqs, float* x,
+                  float* scratch, float* logits) {
+    if (count >= 1 && count <= MAX_SEQS) decode_seqs(m, count, seqs, x, scratch, logits);
+}
+
+/* decode_batch for one sequence (see there). */
 void decode_step(const packed_model* m, float* x, const float* cos, const float* sin,
                  float* keys, float* values, int capacity, int pos, float* rows, float* scratch,
                  float* logits) {
-    const size_t layer_floats = (size_t)m->kv_heads * capacity * m->head_dim;
-    for (int layer = 0; layer < m->layers; layer++)
-        decode_layer(m, layer, x, cos, sin, keys + layer * layer_floats,
-                     values + layer * layer_floats, capacity, pos,
-                     rows == NULL ? NULL : rows + (size_t)layer * m->heads * (pos + 1), scratch,
-                     layer + 1 < m->layers ? keys + (layer + 1) * layer_floats : NULL,
-                     layer + 1 < m->layers ? values + (layer + 1) * layer_floats : NULL);
-    rms_norm(x, m->norm_final, m->hidden, m->eps, scratch);
-    packed_matmul(m->head_kind, scratch, 1, m->hidden, m->head.q, m->head.s, m->vocab, logits);
+    const decode_seq seq = {keys, values, capacity, pos, cos, sin, rows};
+    decode_seqs(m, 1, &seq, x, scratch, logits);
 }
+
+int decode_max_seqs(void) { return MAX_SEQS; }
 
 /* The limits of this kernel, for packed.py to check before it hands a model over. */
 int packed_max_in_features(void) { return MAX_K; }

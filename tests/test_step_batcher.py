@@ -1,0 +1,193 @@
+"""Decode steps of concurrent runs taken together (step_batcher.py, ``decode_batch`` in
+packed_kernel.c): the batcher's meeting rules on a recording stand-in for the model, then on
+the real model, batched steps bit for bit equal to steps alone, and concurrent runs equal to
+the same runs alone."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from sampler_core.engine.step_batcher import StepBatcher
+from sampler_core.inputs import TokenIdsPart
+from sampler_core.settings import SampleSettings
+from sampler_core.tokens import Token
+
+#: Long enough for any thread here to finish; reaching it means a deadlock, not slowness.
+JOIN_S = 120
+
+
+def run_threads(*targets) -> None:
+    """Run each target on its own thread; fail if one is still running after JOIN_S."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_S)
+    assert not any(thread.is_alive() for thread in threads), "a thread never finished"
+
+
+# ----- the meeting rules, on a stand-in -------------------------------------------------------
+
+class Recorder:
+    """A stand-in for the model: each item's result is item * 10; records batch sizes."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.sizes: list[int] = []
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.sizes.append(len(items))
+        if self.fail_on in items:
+            raise ValueError(f"item {self.fail_on} is refused")
+        return [item * 10 for item in items]
+
+
+def test_steps_of_runs_decoding_together_meet_in_batches() -> None:
+    recorder = Recorder()
+    batcher = StepBatcher(recorder, max_batch=4, lock=nullcontext(), wait_per_run_s=0.05)
+    results: dict[int, list[int]] = {}
+    both = threading.Barrier(2)
+
+    def run(first: int) -> None:
+        with batcher.decoding():
+            both.wait()
+            results[first] = [batcher.step(first + n) for n in range(20)]
+
+    run_threads(lambda: run(0), lambda: run(1000))
+    assert results == {0: [n * 10 for n in range(20)],
+                       1000: [(1000 + n) * 10 for n in range(20)]}
+    assert sum(recorder.sizes) == batcher.steps == 40
+    assert max(recorder.sizes) == 2 and batcher.batches == len(recorder.sizes) < 40
+
+
+def test_a_batch_holds_at_most_max_batch_steps_oldest_first() -> None:
+    recorder = Recorder()
+    batcher = StepBatcher(recorder, max_batch=2, lock=nullcontext(), wait_per_run_s=0.05)
+    start = threading.Barrier(5)
+    out: list[int] = []
+
+    def run(item: int) -> None:
+        with batcher.decoding():
+            start.wait()
+            out.append(batcher.step(item))
+
+    run_threads(*[lambda i=i: run(i) for i in range(5)])
+    assert sorted(out) == [0, 10, 20, 30, 40]
+    assert max(recorder.sizes) <= 2 and sum(recorder.sizes) == 5
+
+
+def test_a_lone_run_never_waits_and_a_slow_one_is_not_waited_for_twice() -> None:
+    recorder = Recorder()
+    batcher = StepBatcher(recorder, max_batch=4, lock=nullcontext(), wait_per_run_s=0.05)
+    assert [batcher.step(n) for n in range(3)] == [0, 10, 20]  # not counted as decoding
+    assert recorder.sizes == [1, 1, 1] and batcher._patient
+    with batcher.decoding(), batcher.decoding():  # two runs decoding; only one steps
+        assert batcher.step(7) == 70  # waited in vain for the other
+        assert not batcher._patient
+        assert batcher.step(8) == 80  # went alone at once
+    assert recorder.sizes == [1] * 5
+
+
+def test_a_failed_batch_raises_in_every_run_it_held_and_the_batcher_goes_on() -> None:
+    recorder = Recorder(fail_on=3)
+    batcher = StepBatcher(recorder, max_batch=4, lock=nullcontext(), wait_per_run_s=0.2)
+    errors: list[str] = []
+    both = threading.Barrier(2)
+
+    def run(item: int) -> None:
+        with batcher.decoding():
+            both.wait()
+            try:
+                batcher.step(item)
+            except ValueError as exc:
+                errors.append(str(exc))
+
+    run_threads(lambda: run(3), lambda: run(4))
+    assert recorder.sizes == [2] and errors == ["item 3 is refused"] * 2
+    assert batcher.step(5) == 50
+
+
+def test_the_batcher_checks_its_arguments_and_its_model() -> None:
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        StepBatcher(Recorder(), max_batch=0, lock=nullcontext())
+    with pytest.raises(ValueError, match="wait_per_run_s must be >= 0, got -1"):
+        StepBatcher(Recorder(), max_batch=1, lock=nullcontext(), wait_per_run_s=-1)
+    short = StepBatcher(lambda items: [], max_batch=1, lock=nullcontext())
+    with pytest.raises(RuntimeError, match="run_batch returned 0 results for 1 steps"):
+        short.step(1)
+
+
+# ----- on the real model ------------------------------------------------------------------------
+
+@pytest.fixture
+def runner(engine):
+    """The lean runner on packed weights, with the kernel's batched step."""
+    fast = engine._fast
+    if fast is None or fast.packed is None:
+        pytest.fail("the default model decodes from packed weights with the C kernel")
+    return fast
+
+
+def prefilled(engine, runner, n: int, length: int):
+    """A cache holding the first ``length`` ids of a text, and the id that follows."""
+    ids = engine.encode("Harbour notes: the tide turned at noon, the ferry waited, and the "
+                        "gulls circled the pier while the nets were mended. " * 20)
+    cache = runner.new_cache(length + 8)
+    runner.forward(torch.tensor(ids[:length]), cache)
+    return cache, ids[length + n % 3]
+
+
+def test_a_batched_step_equals_each_step_alone(engine, runner) -> None:
+    """Up to the kernel's limit, at different positions, with and without attention rows:
+    logits, rows and the caches' new keys and values bit for bit those of lone steps."""
+    lengths, attention = [5, 40, 129, 300][:runner.max_batch], [False, True, True, False]
+    assert runner.max_batch == 4
+    batched = [prefilled(engine, runner, n, length) for n, length in enumerate(lengths)]
+    alone = [prefilled(engine, runner, n, length) for n, length in enumerate(lengths)]
+    together = runner.decode_many([(token, cache, attention[n])
+                                   for n, (cache, token) in enumerate(batched)])
+    for n, ((cache, token), (logits, rows)) in enumerate(zip(alone, together)):
+        ref_logits, ref_rows = runner.decode(token, cache, attention=attention[n])
+        assert torch.equal(logits, ref_logits)
+        assert (rows is None) == (ref_rows is None) and (rows is None or torch.equal(rows, ref_rows))
+        other = batched[n][0]
+        assert other.length == cache.length == lengths[n] + 1
+        assert torch.equal(other.keys[:, :, :other.length], cache.keys[:, :, :cache.length])
+        assert torch.equal(other.values[:, :, :other.length], cache.values[:, :, :cache.length])
+
+
+def test_decode_many_refuses_what_it_cannot_take(engine, runner) -> None:
+    cache, token = prefilled(engine, runner, 0, 5)
+    with pytest.raises(ValueError, match="decode_many takes 1 to 4 steps, got 0"):
+        runner.decode_many([])
+    with pytest.raises(ValueError, match="decode_many takes 1 to 4 steps, got 5"):
+        runner.decode_many([(token, cache, False)] * 5)
+    other, _ = prefilled(engine, runner, 1, 5)
+    with pytest.raises(ValueError, match=r"token id 49152 is outside the vocabulary \(0..49151\)"):
+        runner.decode_many([(token, cache, False), (49152, other, False)])
+    assert cache.length == 5  # nothing ran
+
+
+def test_concurrent_runs_meet_and_each_equals_itself_alone(engine) -> None:
+    ids = tuple(engine.encode("A short log of the lighthouse: calm sea, two ships at dawn."))
+    cases = [(1, False), (2, True), (3, False)]
+
+    def run(seed: int, attention: bool) -> list[tuple]:
+        settings = SampleSettings(max_len=24, temperature=1.0, rng_seed=seed, top_k=3,
+                                  return_attention=attention, stop_at_eos=False)
+        return [(t.token_id, t.prob, t.logprob, t.entropy, t.attn_weights,
+                 tuple((k.token_id, k.prob) for k in t.top_k))
+                for t in engine.start([TokenIdsPart(ids)], settings) if isinstance(t, Token)]
+
+    alone = {case: run(*case) for case in cases}
+    batcher = engine._batcher
+    batches, steps = batcher.batches, batcher.steps
+    together: dict[tuple[int, bool], list[tuple]] = {}
+    run_threads(*[lambda c=c: together.update({c: run(*c)}) for c in cases])
+    assert together == alone
+    assert batcher.steps - steps == 3 * 23  # every decode step went through the batcher
+    assert batcher.batches - batches < 3 * 23  # and some met
