@@ -147,25 +147,33 @@ def test_compare_seeds_marks_divergence_and_pins(app, engine) -> None:
     assert app.sidebar.selectbox(key="seed_mode_w").value == "fixed"
 
 
-def test_compare_seeds_reuse_the_playgrounds_prefill_and_say_so(app, engine) -> None:
+def test_compare_seeds_run_at_once_reusing_the_playgrounds_prefill(app, engine) -> None:
     """Each seed's run of the playground's prompt starts from the prefill the playground's
-    run kept (prompts of 64 tokens or more), and its line says so."""
+    run kept (prompts of 64 tokens or more), and its line says so; the seeds run at once, their
+    decode steps taken together by the engine, each run as it would be alone."""
     if engine.prompt_cache is None or not engine.prompt_cache.admits(64):
         pytest.fail("the default model's engine keeps prefills of 64 tokens or more")
     prompt = ("A lighthouse keeper's log, kept for the compare-seeds reuse test: calm sea, "
               "two ships passed at dawn, the lamp was trimmed and the glass cleaned. " * 3)
     assert len(engine.encode(prompt)) >= 64
-    first = run_prompt(app, prompt, max_len=3)
+    first = run_prompt(app, prompt, max_len=16)
     assert not first.summary.prefill_reused
     assert not any("prefill reused" in c.value for c in app.caption)
     app.switch_page("app_pages/compare.py").run()
-    app.slider(key="compare_n_w").set_value(2)
+    app.slider(key="compare_n_w").set_value(3)
+    app.number_input(key="compare_seed_w").set_value(first.settings.rng_seed)
+    batcher = engine._batcher
+    batches, steps = batcher.batches, batcher.steps
     app.button(key="compare_run_w").click().run()
     no_errors(app)
     results = app.session_state["compare_results"]
-    assert [r.summary.prefill_reused for r in results] == [True, True]
+    assert [r.summary.prefill_reused for r in results] == [True, True, True]
     text = " ".join(m.value for m in app.markdown)
-    assert text.count("prefill reused") == 2
+    assert text.count("prefill reused") == 3
+    # The first seed is the playground's: the same run, though it shared its steps.
+    assert [t.token_id for t in results[0].generated] == [t.token_id for t in first.generated]
+    assert [t.prob for t in results[0].generated] == [t.prob for t in first.generated]
+    assert 0 < batcher.batches - batches < batcher.steps - steps  # some steps met
 
 
 def test_attention_page_layers_and_rows(app, engine) -> None:

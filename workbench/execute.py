@@ -44,6 +44,98 @@ def with_image_settings(settings: SampleSettings) -> SampleSettings:
     return settings.replace(score_prompt=True, return_attention=True)
 
 
+class LiveRun:
+    """One run as it streams into a placeholder: set up, fed its events one at a time, then
+    closed (status, history, the last drawing). ``stream_run`` drives one; ``stream_runs``
+    several at once."""
+
+    def __init__(self, bar: Sidebar, prompt: str, settings: SampleSettings, where: Any, *,
+                 forced: Sequence[Token] = (), parent: RunResult | None = None,
+                 branch_index: int | None = None, image: bytes | None = None,
+                 image_name: str | None = None, image_after: bool = False,
+                 on_update: Callable[[RunResult], None] | None = None) -> None:
+        self.bar, self.where, self.image, self.forced = bar, where, image, tuple(forced)
+        self.run = RunResult(
+            run_id=uuid.uuid4().hex[:12], prompt=prompt, settings=settings, model=bar.model,
+            created=time.time(), parent_id=parent.run_id if parent else None,
+            branch_index=branch_index, forced_ids=tuple(t.token_id for t in forced),
+            image_name=image_name if image is not None else None, source=bar.source,
+            tokens=tuple(forced), image_after=image_after)
+        self._update = on_update or (lambda r: None)
+        self._tokens: list[Token] = list(forced)
+        self._labels: tuple[str, ...] = ()
+        self._scored: list[str] = []
+        self._forced_from = 0
+        self._started, self._stamps = time.perf_counter(), []  # for the run's speed line
+
+    def open(self) -> tuple[PromptPart, ...]:
+        """Get ready to stream (the image kept, the prompt's labels); the run's prompt parts."""
+        run, prompt = self.run, self.run.prompt
+        if self.image is not None:
+            run = run.with_tokens(self._tokens, image_sha=store.put_image(self.image))
+        parts = prompt_parts(prompt, run.forced_ids, self.image, run.image_after)
+        if self.bar.source == "local":
+            resources.engine(self.bar.model)
+        self._labels = tuple(t.token_str for t in resources.runner().tokenize(
+            self.bar.client, prompt, self.bar.model)) if prompt else ()
+        self.run = run.with_tokens(self._tokens, prompt_labels=self._labels)
+        self._update(self.run)
+        # Where the forced tokens start in the context: the parent's first generated position
+        # (the text's token count misses image tokens).
+        forced = self.forced
+        self._forced_from = (forced[0].position if forced and forced[0].position is not None
+                             else len(self._labels))
+        self._started = time.perf_counter()
+        return parts
+
+    def take(self, event: Token | RunSummary) -> bool:
+        """Apply one event; True once the run is over (its summary came)."""
+        tokens = self._tokens
+        if isinstance(event, RunSummary):
+            self.run = self.run.with_tokens(tokens, summary=event, status="done")
+            return True
+        if event.token_type == TokenType.USER:
+            # With forced tokens the engine scores them too; the parent's copies stay.
+            if self.forced and event.position is not None and event.position >= self._forced_from:
+                return False
+            tokens.insert(sum(t.token_type == TokenType.USER for t in tokens), event)
+            self._scored.append(event.token_str)
+            if self.image is not None or len(self._scored) >= len(self._labels):
+                # The scored prompt is the whole context as the model saw it.
+                self.run = self.run.with_tokens(tokens, prompt_labels=tuple(self._scored))
+        else:
+            tokens.append(event)
+            self._stamps.append(time.perf_counter())
+        self.run = self.run.with_tokens(tokens, timing=run_timing(self._started, self._stamps))
+        self._update(self.run)
+        if _redraw_due(len(tokens)):
+            chips.render(tokens, where=self.where)
+        return False
+
+    def fail(self, exc: BaseException) -> None:
+        """Record what stopped the run: a sampler error by its message (and by the widget
+        it names), anything else (a broken connection) by its type, never as a trace."""
+        if isinstance(exc, SamplerError):
+            self.run = self.run.with_tokens(self._tokens, status="error", error=str(exc))
+            self.bar.show_field_error(exc)
+        else:
+            self.run = self.run.with_tokens(self._tokens, status="error",
+                                            error=f"{type(exc).__name__}: {exc}")
+
+    def close(self) -> RunResult:
+        """Finish: a run without its summary was stopped (Stop, navigation); save it."""
+        if self.run.status == "running":
+            self.run = self.run.with_tokens(self._tokens, status="stopped")
+        self._update(self.run)
+        with contextlib.suppress(Exception):
+            store.save(self.run)
+        return self.run
+
+    def draw(self) -> None:
+        """Draw every token of the run."""
+        chips.render(self.run.tokens, where=self.where)
+
+
 def stream_run(bar: Sidebar, prompt: str, settings: SampleSettings, where: Any, *,
                forced: Sequence[Token] = (), parent: RunResult | None = None,
                branch_index: int | None = None, image: bytes | None = None,
@@ -60,61 +152,61 @@ def stream_run(bar: Sidebar, prompt: str, settings: SampleSettings, where: Any, 
     interrupts this script still leaves the partial run in the session; the run is then
     marked stopped and saved.
     """
-    run = RunResult(run_id=uuid.uuid4().hex[:12], prompt=prompt, settings=settings,
-                    model=bar.model, created=time.time(), parent_id=parent.run_id if parent else None,
-                    branch_index=branch_index, forced_ids=tuple(t.token_id for t in forced),
-                    image_name=image_name if image is not None else None, source=bar.source,
-                    tokens=tuple(forced), image_after=image_after)
-    update = on_update or (lambda r: None)
-    tokens: list[Token] = list(forced)
+    live = LiveRun(bar, prompt, settings, where, forced=forced, parent=parent,
+                   branch_index=branch_index, image=image, image_name=image_name,
+                   image_after=image_after, on_update=on_update)
     try:
-        if image is not None:
-            run = run.with_tokens(tokens, image_sha=store.put_image(image))
-        parts = prompt_parts(prompt, run.forced_ids, image, image_after)
-        if bar.source == "local":
-            resources.engine(bar.model)
-        labels = tuple(t.token_str for t in resources.runner().tokenize(bar.client, prompt, bar.model)) \
-            if prompt else ()
-        run = run.with_tokens(tokens, prompt_labels=labels)
-        update(run)
-        # Where the forced tokens start in the context: the parent's first generated position
-        # (the text's token count misses image tokens).
-        forced_from = forced[0].position if forced and forced[0].position is not None else len(labels)
-        scored: list[str] = []
-        started, stamps = time.perf_counter(), []  # for the run's speed line
-        with contextlib.closing(resources.runner().stream(bar.client, parts, settings, bar.model)) as events:
+        parts = live.open()
+        with contextlib.closing(resources.runner().stream(bar.client, parts, settings,
+                                                          bar.model)) as events:
             for event in events:
-                if isinstance(event, RunSummary):
-                    run = run.with_tokens(tokens, summary=event, status="done")
+                if live.take(event):
                     break
-                if event.token_type == TokenType.USER:
-                    # With forced tokens the engine scores them too; the parent's copies stay.
-                    if forced and event.position is not None and event.position >= forced_from:
-                        continue
-                    tokens.insert(sum(t.token_type == TokenType.USER for t in tokens), event)
-                    scored.append(event.token_str)
-                    if image is not None or len(scored) >= len(labels):
-                        # The scored prompt is the whole context as the model saw it.
-                        run = run.with_tokens(tokens, prompt_labels=tuple(scored))
-                else:
-                    tokens.append(event)
-                    stamps.append(time.perf_counter())
-                run = run.with_tokens(tokens, timing=run_timing(started, stamps))
-                update(run)
-                if _redraw_due(len(tokens)):
-                    chips.render(tokens, where=where)
-        if run.status == "running":
-            run = run.with_tokens(tokens, status="stopped")
-    except SamplerError as exc:
-        run = run.with_tokens(tokens, status="error", error=str(exc))
-        bar.show_field_error(exc)
-    except Exception as exc:  # noqa: BLE001 - a broken connection is shown, not a trace
-        run = run.with_tokens(tokens, status="error", error=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - shown in the run, not as a trace
+        live.fail(exc)
     finally:
-        if run.status == "running":  # interrupted by a rerun (Stop, navigation)
-            run = run.with_tokens(tokens, status="stopped")
-        update(run)
-        with contextlib.suppress(Exception):
-            store.save(run)
-    chips.render(run.tokens, where=where)
+        run = live.close()
+    live.draw()
     return run
+
+
+def stream_runs(bar: Sidebar, prompt: str, settings: Sequence[SampleSettings],
+                wheres: Sequence[Any], *, image: bytes | None = None,
+                image_name: str | None = None, image_after: bool = False,
+                on_update: Callable[[list[RunResult]], None] | None = None
+                ) -> list[RunResult]:
+    """Run one prompt under several settings at once, each drawing into its own placeholder as
+    its tokens arrive (the engine takes concurrent runs' steps together: step_batcher.py).
+    A run that fails stops alone; ``on_update`` receives every run after each event."""
+    lives: list[LiveRun] = []
+    report = on_update or (lambda runs: None)
+    for one, where in zip(settings, wheres):
+        lives.append(LiveRun(bar, prompt, one, where, image=image, image_name=image_name,
+                             image_after=image_after,
+                             on_update=lambda _run: report([live.run for live in lives])))
+    opened: dict[int, tuple[PromptPart, ...]] = {}
+    try:
+        for n, live in enumerate(lives):
+            try:
+                opened[n] = live.open()
+            except Exception as exc:  # noqa: BLE001 - shown in the run, not as a trace
+                live.fail(exc)
+        order = sorted(opened)
+        streams = [(opened[n], lives[n].run.settings) for n in order]
+        with contextlib.closing(resources.runner().stream_many(bar.client, streams,
+                                                               bar.model)) as events:
+            for index, event in events:
+                live = lives[order[index]]
+                if isinstance(event, BaseException):
+                    live.fail(event)
+                else:
+                    live.take(event)
+    except Exception as exc:  # noqa: BLE001 - the connection broke: every open run shows it
+        for n in opened:
+            if lives[n].run.status == "running":
+                lives[n].fail(exc)
+    finally:
+        runs = [live.close() for live in lives]
+    for live in lives:
+        live.draw()
+    return runs

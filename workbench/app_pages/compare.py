@@ -6,7 +6,7 @@ import streamlit as st
 
 from workbench import images, state
 from workbench.components import chips, sidebar
-from workbench.execute import stream_run, with_image_settings
+from workbench.execute import stream_runs, with_image_settings
 from workbench.views import (RunResult, divergence, prefill_tag, reuse_tag, total_logprob,
                              visible)
 
@@ -43,23 +43,21 @@ def page() -> None:
         st.success(st.session_state.pop("pinned_message"))
     results: list[RunResult] = list(st.session_state.get(state.COMPARE, []))
     if go and bar.settings is not None:
-        results = []
+        # Every seed at once, each streaming into its own column (the engine takes the runs'
+        # steps together, so N seeds cost far less than N runs one after another).
         slots = [col.container(border=True) for col in _grid(int(n))]
+        settings = []
         for i, slot in enumerate(slots):
-            seed = int(base) + i
-            slot.markdown(f"**seed {seed}**")
-            settings = bar.settings.replace(rng_seed=seed)
-            if attached is not None:
-                settings = with_image_settings(settings)
-            run = stream_run(bar, prompt, settings, slot.empty(),
-                             image=attached.data if attached else None,
-                             image_name=attached.name if attached else None,
-                             image_after=attached.after if attached else False)
-            results.append(run)
-            st.session_state[state.COMPARE] = results
-            if run.status == "error":
-                slot.error(run.error)
-                break
+            slot.markdown(f"**seed {int(base) + i}**")
+            one = bar.settings.replace(rng_seed=int(base) + i)
+            settings.append(with_image_settings(one) if attached is not None else one)
+        results = stream_runs(bar, prompt, settings, [slot.empty() for slot in slots],
+                              image=attached.data if attached else None,
+                              image_name=attached.name if attached else None,
+                              image_after=attached.after if attached else False,
+                              on_update=lambda runs: st.session_state.update(
+                                  {state.COMPARE: runs}))
+        st.session_state[state.COMPARE] = results
         st.rerun()
     if not results:
         st.caption("Run all to sample the prompt under each seed.")
@@ -75,6 +73,8 @@ def page() -> None:
                         f"Σ logprob {total_logprob(run.tokens):.2f}"
                         + (f" · {prefill_tag(run.summary)}" if prefill_tag(run.summary) else "")
                         + (f" · {reuse_tag(run.summary)}" if reuse_tag(run.summary) else ""))
+            if run.status == "error":
+                st.error(run.error)
             chips.render(run.generated, marked=at)  # generated only: the prompt is shared
             st.button("Pin this seed", key=f"pin_{run.run_id}", on_click=_pin,
                       args=(run.settings.rng_seed,))
