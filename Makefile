@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/decode.py
 	$(PY) bench/prefill.py
 	$(PY) bench/load.py
+	$(PY) bench/seeds.py
 	$(PY) bench/step.py
 
 protos: $(STAMP)
