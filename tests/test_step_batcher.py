@@ -92,22 +92,23 @@ def test_a_lone_run_never_waits_and_a_slow_one_is_not_waited_for_twice() -> None
     assert recorder.sizes == [1] * 5
 
 
-def test_a_failed_batch_raises_in_every_run_it_held_and_the_batcher_goes_on() -> None:
+def test_a_step_that_fails_its_batch_fails_its_own_run_alone() -> None:
     recorder = Recorder(fail_on=3)
     batcher = StepBatcher(recorder, max_batch=4, lock=nullcontext(), wait_per_run_s=0.2)
-    errors: list[str] = []
+    outcomes: dict[int, object] = {}
     both = threading.Barrier(2)
 
     def run(item: int) -> None:
         with batcher.decoding():
             both.wait()
             try:
-                batcher.step(item)
+                outcomes[item] = batcher.step(item)
             except ValueError as exc:
-                errors.append(str(exc))
+                outcomes[item] = str(exc)
 
     run_threads(lambda: run(3), lambda: run(4))
-    assert recorder.sizes == [2] and errors == ["item 3 is refused"] * 2
+    assert recorder.sizes == [2, 1, 1]  # together, then again a step at a time
+    assert outcomes == {3: "item 3 is refused", 4: 40}
     assert batcher.step(5) == 50
 
 
@@ -153,7 +154,8 @@ def test_a_batched_step_equals_each_step_alone(engine, runner) -> None:
     for n, ((cache, token), (logits, rows)) in enumerate(zip(alone, together)):
         ref_logits, ref_rows = runner.decode(token, cache, attention=attention[n])
         assert torch.equal(logits, ref_logits)
-        assert (rows is None) == (ref_rows is None) and (rows is None or torch.equal(rows, ref_rows))
+        assert (rows is None) == (ref_rows is None)
+        assert rows is None or torch.equal(rows, ref_rows)
         other = batched[n][0]
         assert other.length == cache.length == lengths[n] + 1
         assert torch.equal(other.keys[:, :, :other.length], cache.keys[:, :, :cache.length])

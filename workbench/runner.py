@@ -67,47 +67,54 @@ class Runner:
 
     def stream_many(self, client: Any, runs: Sequence[tuple[Sequence[PromptPart], SampleSettings]],
                     model_name: str) -> Iterator[tuple[int, Event | Exception]]:
-        """Yield ``(index, event)`` from several runs at once, as their events arrive (earlier
-        runs first among those ready); a run's error comes as ``(index, exception)`` and ends
-        that run. Closing the iterator cancels the runs still going."""
+        """Yield ``(index, event)`` from several runs at once, in the order the events arrive;
+        a run's error comes as ``(index, exception)`` and ends that run. Each run is read
+        ahead of the caller (a task per run on the loop), so drawing one run's tokens never
+        holds the others back, and their steps can meet in the engine. Closing the iterator
+        cancels the runs still going."""
         agens = [client.sampler.stream_settings(parts, settings, model_name)
                  for parts, settings in runs]
-        done = object()
-        pulls: dict[int, asyncio.Future[Any]] = {}
+        ended = object()
+        arrived: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()  # used on the loop only
+        pumps: list[asyncio.Future[None]] = []
 
-        async def pull(index: int) -> Any:
-            return await anext(agens[index], done)
+        async def pump(index: int) -> None:
+            try:
+                async for event in agens[index]:
+                    arrived.put_nowait((index, event))
+            except Exception as exc:  # noqa: BLE001 - the run's own error, handed over
+                arrived.put_nowait((index, exc))
+            finally:
+                arrived.put_nowait((index, ended))
 
         async def start() -> None:
-            for index in range(len(agens)):
-                pulls[index] = asyncio.ensure_future(pull(index))
+            pumps.extend(asyncio.ensure_future(pump(index)) for index in range(len(agens)))
 
-        async def next_ready() -> tuple[int, Any] | None:
-            if not pulls:
-                return None
-            await asyncio.wait(pulls.values(), return_when=asyncio.FIRST_COMPLETED)
-            index = min(i for i, f in pulls.items() if f.done())
-            future = pulls.pop(index)
-            if future.exception() is not None:
-                return index, future.exception()
-            event = future.result()
-            if event is not done:
-                pulls[index] = asyncio.ensure_future(pull(index))
-            return index, event
+        async def next_arrived() -> list[tuple[int, Any]]:
+            """Every event arrived by now, waiting for the first."""
+            items = [await arrived.get()]
+            while not arrived.empty():
+                items.append(arrived.get_nowait())
+            return items
 
         async def stop() -> None:
-            for future in pulls.values():
-                future.cancel()
-            await asyncio.gather(*pulls.values(), return_exceptions=True)
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
             for agen in agens:  # closes each stream: the engine stops before its next step
                 with contextlib.suppress(Exception):
                     await agen.aclose()
 
         asyncio.run_coroutine_threadsafe(start(), self.loop).result()
+        left = len(agens)
         try:
-            while (ready := asyncio.run_coroutine_threadsafe(next_ready(), self.loop).result()):
-                if ready[1] is not done:
-                    yield ready
+            while left:
+                for index, event in asyncio.run_coroutine_threadsafe(next_arrived(),
+                                                                     self.loop).result():
+                    if event is ended:
+                        left -= 1
+                    else:
+                        yield index, event
         finally:
             asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=30)
 

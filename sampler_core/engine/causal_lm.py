@@ -435,15 +435,16 @@ class CausalLMEngine:
                 if cancelled():
                     finish = FinishReason.CANCELLED
                     break
-                # 2. Processors (masks, temperature, nucleus) turn raw logits into the sampling law.
-                #    This vocabulary math runs on this thread alone (see threads.py).
+                # 2. Processors (masks, temperature, nucleus) turn raw logits into the sampling
+                #    law. This vocabulary math runs on this thread alone (see threads.py).
                 with one_thread():
                     processed = torch.softmax(plan.chain(last), dim=-1)
                     # 3. Pick: argmax when greedy, else a draw from the seeded generator.
                     token_id = argmax(processed) if s.greedy else draw(processed, rng)
                 # 4. A stop token or EOS ends the run and is not part of the output.
                 if token_id in plan.stop_ids or (s.stop_at_eos and token_id == self.eos_id):
-                    finish = FinishReason.STOP_TOKEN if token_id in plan.stop_ids else FinishReason.EOS
+                    finish = (FinishReason.STOP_TOKEN if token_id in plan.stop_ids
+                              else FinishReason.EOS)
                     match = plan.stop_ids.get(token_id, self.piece(token_id))
                     break
                 # 5. Record the token with its raw and processed probabilities, top-k, attention.

@@ -12,7 +12,8 @@ run draws its token and describes it, ~1 ms of Python), then runs every step han
 (up to the batch limit) as one, under the engine's step lock (so prompts' prefills take turns
 with batches), and hands each its result. After one batch the runs come back at about the
 same time, so they stay in step. A run that does not come back in time (its consumer is slow)
-is not waited for again until a batch fills once more.
+is not waited for again until a batch fills once more. A batch that fails runs again a step
+at a time, so one run's fault fails that run alone.
 """
 
 from __future__ import annotations
@@ -86,14 +87,15 @@ class StepBatcher(Generic[Item, Result]):
                 batch = self._gather()
                 self._cond.release()  # the batch runs without holding up arrivals
                 try:
-                    results, error = self._run(batch)
+                    self._run(batch)
                 finally:
                     self._cond.acquire()
-                for n, waiting in enumerate(batch):
-                    waiting.result = results[n] if error is None else None
-                    waiting.error, waiting.done = error, True
-                self._leading = False
-                self._cond.notify_all()
+                    for waiting in batch:  # interrupted (the leader's own exception): say so
+                        if waiting.result is None and waiting.error is None:
+                            waiting.error = RuntimeError("the decode step was interrupted")
+                        waiting.done = True
+                    self._leading = False
+                    self._cond.notify_all()
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[return-value]
@@ -115,17 +117,29 @@ class StepBatcher(Generic[Item, Result]):
         del self._pending[:self.max_batch]
         return batch
 
-    def _run(self, batch: list[_Request[Item, Result]]
-             ) -> tuple[Sequence[Result], BaseException | None]:
-        """The batch's results, or the error that stopped it (every step in it gets that)."""
+    def _run(self, batch: list[_Request[Item, Result]]) -> None:
+        """Give each step of the batch its result or its error. A batch that fails runs
+        again a step at a time (``run_batch`` checks its steps before it changes anything), so
+        one step's fault fails that step's run alone."""
+        if self._attempt(batch) is not None and len(batch) > 1:
+            for request in batch:
+                self._attempt([request])
+
+    def _attempt(self, batch: list[_Request[Item, Result]]) -> BaseException | None:
+        """Run ``batch`` once: set each step's result and return None, or return the error
+        (a lone step keeps it as its own)."""
         try:
             with self._lock:
                 results = self._run_batch([r.item for r in batch])
-        except BaseException as exc:  # handed to each waiting run, which raises it
-            return [], exc
-        if len(results) != len(batch):
-            return [], RuntimeError(f"run_batch returned {len(results)} results for "
-                                    f"{len(batch)} steps")
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for "
+                                   f"{len(batch)} steps")
+        except Exception as exc:  # handed to the waiting run, which raises it
+            if len(batch) == 1:
+                batch[0].error = exc
+            return exc
+        for request, result in zip(batch, results):
+            request.result = result
         self.batches += 1
         self.steps += len(batch)
-        return results, None
+        return None
