@@ -194,3 +194,41 @@ def test_the_summary_says_whether_the_prefill_was_reused(engine, kept) -> None:
     summaries = [list(engine.start([TokenIdsPart(ids)], settings))[-1] for _ in range(2)]
     assert [s.prefill_reused for s in summaries] == [False, True]
     assert summaries[1].prefill == summaries[0].prefill == "float32"
+
+
+def test_runs_of_a_new_prompt_started_together_prefill_it_once(engine, kept, monkeypatch) -> None:
+    import threading
+
+    ids = prompt(engine, variant=3)
+    kept.resize(0)
+    alone = {seed: run(engine, ids, rng_seed=seed) for seed in (1, 2, 3)}
+    kept.resize(10**9)
+    prefills: list[int] = []
+    prefill = engine._prefill
+
+    def counted(*args, **kwargs):
+        prefills.append(1)
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prefill", counted)
+    start = threading.Barrier(3)
+    together: dict[int, list[tuple]] = {}
+    reused: dict[int, bool] = {}
+
+    def go(seed: int) -> None:
+        settings = SampleSettings(max_len=8, temperature=1.0, nucleus_p=0.95, top_k=5,
+                                  stop_at_eos=False, rng_seed=seed)
+        start.wait()
+        events = list(engine.start([TokenIdsPart(ids)], settings))
+        reused[seed] = events[-1].prefill_reused
+        together[seed] = [(t.token_id, t.prob, t.raw_prob, t.logprob, t.entropy, t.rank,
+                           t.attn_weights, tuple((k.token_id, k.prob, k.logprob) for k in t.top_k))
+                          for t in events[:-1]]
+
+    threads = [threading.Thread(target=go, args=(seed,)) for seed in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert together == alone
+    assert len(prefills) == 1 and sorted(reused.values()) == [False, True, True]

@@ -355,17 +355,22 @@ class CausalLMEngine:
         key = (plan.prompt_ids, plan.prefill, self._fast.prefill_attention_kernel)
         length = len(plan.prompt_ids)
         entry = kept.lookup(key, attention)
-        if entry is not None:
-            cache.keys[:, :, :length].copy_(entry.keys)
-            cache.values[:, :, :length].copy_(entry.values)
-            cache.length = length
-            rows = entry.rows.clone() if attention and entry.rows is not None else None
-            return entry.logits.clone(), rows, True
-        logits, rows = self._prefill(plan, cache, all_logits=False, attention=attention)
-        kept.keep(key, KeptPrefill(cache.keys[:, :, :length].clone(),
-                                   cache.values[:, :, :length].clone(), logits.clone(),
-                                   None if rows is None else rows.clone()))
-        return logits, rows, False
+        if entry is None:
+            with kept.prefilling(key) as mine:  # runs of one new prompt prefill it once
+                entry = None if mine else kept.lookup(key, attention)
+                if entry is None:
+                    logits, rows = self._prefill(plan, cache, all_logits=False,
+                                                 attention=attention)
+                    kept.keep(key, KeptPrefill(cache.keys[:, :, :length].clone(),
+                                               cache.values[:, :, :length].clone(),
+                                               logits.clone(),
+                                               None if rows is None else rows.clone()))
+                    return logits, rows, False
+        cache.keys[:, :, :length].copy_(entry.keys)
+        cache.values[:, :, :length].copy_(entry.values)
+        cache.length = length
+        rows = entry.rows.clone() if attention and entry.rows is not None else None
+        return entry.logits.clone(), rows, True
 
     def _token(self, token_id: int, logits: torch.Tensor, processed: torch.Tensor | None,
                settings: SampleSettings, position: int, token_type: TokenType,

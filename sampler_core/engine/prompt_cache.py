@@ -18,6 +18,10 @@ for them, its attention weights. Entries leave least recently used first, within
 budget: ``$PROMPT_IDE_PROMPT_CACHE_MB`` (default 256; 0 keeps nothing). Prompts under
 ``MIN_TOKENS`` are not kept: they prefill in about a tenth of a second, less than keeping them
 in memory is worth.
+
+Runs of one new prompt that start together (Compare seeds before the playground ran it) do not
+all prefill it: the first claims the prefill (``prefilling``), the others wait for it and then
+start from what it kept.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Iterator
 
 import torch
 
@@ -84,6 +89,7 @@ class PromptCache:
         self._entries: OrderedDict[Hashable, KeptPrefill] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._claimed: dict[Hashable, threading.Event] = {}  # prefills under way, by key
 
     @property
     def nbytes(self) -> int:
@@ -123,6 +129,27 @@ class PromptCache:
             self._entries.move_to_end(key)
             self.hits += 1
             return entry
+
+    @contextmanager
+    def prefilling(self, key: Hashable) -> Iterator[bool]:
+        """Claim ``key``'s prefill for the body: True for the one caller that should run it
+        (and keep it); a caller that finds it claimed waits until the claimant's body ends,
+        then gets False (look the key up again)."""
+        with self._lock:
+            claim = self._claimed.get(key)
+            mine = claim is None
+            if mine:
+                claim = self._claimed[key] = threading.Event()
+        if not mine:
+            claim.wait()
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._lock:
+                del self._claimed[key]
+            claim.set()
 
     def keep(self, key: Hashable, entry: KeptPrefill) -> None:
         """Keep ``entry`` under ``key`` (replacing one there), unless it alone overflows the
