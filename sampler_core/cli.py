@@ -96,7 +96,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         choose_device(args.device)  # a bad value fails here, naming it
         os.environ[DEVICE_ENV] = args.device
+    if not set_prompt_cache_env(args.prompt_cache_mb):
+        print(f"error: --prompt-cache-mb must be a whole number of MB >= 0 (0 turns prompt "
+              f"reuse off), got {args.prompt_cache_mb}", file=sys.stderr)
+        return 2
     return serve_from_args(args)
+
+
+def set_prompt_cache_env(megabytes: int | None) -> bool:
+    """Hand ``--prompt-cache-mb`` to the engines the server loads (they read
+    ``$PROMPT_IDE_PROMPT_CACHE_MB``); False for a negative value. None leaves it as it is."""
+    from sampler_core.engine.prompt_cache import BUDGET_ENV
+
+    if megabytes is None:
+        return True
+    if megabytes < 0:
+        return False
+    os.environ[BUDGET_ENV] = str(megabytes)
+    return True
 
 
 def _add_device_option(command: argparse.ArgumentParser) -> None:
@@ -148,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     if add_serve_arguments is not None:
         add_serve_arguments(serve)
     _add_device_option(serve)
+    serve.add_argument("--prompt-cache-mb", type=int, default=None,
+                       help="memory for prompts' prefills kept for reuse (0: off); default "
+                            "$PROMPT_IDE_PROMPT_CACHE_MB, else 256")
     serve.set_defaults(func=cmd_serve)
     return parser
 

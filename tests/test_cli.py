@@ -38,3 +38,19 @@ def test_bad_settings_exit_2_with_the_message(engine) -> None:
     assert out.returncode == 2
     assert "prefill must be one of float32, fixed16, fast" in out.stderr
     assert "'int8'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_refuses_a_negative_prompt_cache_budget() -> None:
+    out = cli("serve", "--prompt-cache-mb", "-3", "--port", "0")
+    assert out.returncode == 2
+    assert "--prompt-cache-mb must be a whole number of MB >= 0" in out.stderr and "-3" in out.stderr
+
+
+def test_serve_hands_its_prompt_cache_budget_to_the_engines(monkeypatch) -> None:
+    from sampler_core.cli import set_prompt_cache_env
+    from sampler_core.engine.prompt_cache import BUDGET_ENV, budget_from_env
+
+    monkeypatch.setenv(BUDGET_ENV, "7")
+    assert set_prompt_cache_env(None) and budget_from_env() == 7 * 10**6  # left as it was
+    assert set_prompt_cache_env(0) and budget_from_env() == 0
+    assert not set_prompt_cache_env(-1) and budget_from_env() == 0
