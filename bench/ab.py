@@ -10,6 +10,7 @@ comparison). The last line is one JSON object.
 
     git worktree add /tmp/base <commit>
     python bench/ab.py /tmp/base [--reps 12] [--prompt-tokens 200] [--new-tokens 128]
+                                 [--in-thread]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -27,19 +29,27 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = {"plain": {"top_k": 0}, "topk_attn": {"top_k": 20, "return_attention": True}}
 
 
-def worker(prompt_tokens: int, new_tokens: int) -> None:
+def worker(prompt_tokens: int, new_tokens: int, in_thread: bool) -> None:
     """Serve timed runs of the checkout this process imports: one JSON settings object per
-    line in, one ``{"tok_s": ...}`` per line out."""
+    line in, one ``{"tok_s": ...}`` per line out; with ``in_thread``, each run on a worker
+    thread, as the server runs them."""
     sys.path.insert(0, str(Path.cwd() / "bench"))  # the checkout's own helpers
     from decode import prompt_ids, time_engine
     from sampler_core.engine import get_engine
 
     engine = get_engine()
     ids = prompt_ids(engine, prompt_tokens)
-    time_engine(engine, ids, 16, top_k=0)  # build and warm up before the first timed run
+    pool = ThreadPoolExecutor(1) if in_thread else None
+
+    def timed(**settings: object) -> tuple[float, float]:
+        if pool is None:
+            return time_engine(engine, ids, new_tokens, **settings)
+        return pool.submit(time_engine, engine, ids, new_tokens, **settings).result()
+
+    timed(top_k=0)  # build and warm up before the first timed run
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        tok_s, ttft_ms = time_engine(engine, ids, new_tokens, **json.loads(line))
+        tok_s, ttft_ms = timed(**json.loads(line))
         print(json.dumps({"tok_s": tok_s, "ttft_ms": ttft_ms}), flush=True)
 
 
@@ -50,7 +60,7 @@ def start(checkout: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
                PROMPT_IDE_PROMPT_CACHE_MB="0")
     process = subprocess.Popen(
         [sys.executable, __file__, "--worker", "--prompt-tokens", str(args.prompt_tokens),
-         "--new-tokens", str(args.new_tokens)],
+         "--new-tokens", str(args.new_tokens)] + (["--in-thread"] if args.in_thread else []),
         cwd=checkout, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if json.loads(_line(process.stdout)) != {"ready": True}:
         raise RuntimeError(f"the worker for {checkout} did not start")
@@ -81,10 +91,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=12)
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--in-thread", action="store_true",
+                        help="run each timed run on a worker thread, as the server does")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.prompt_tokens, args.new_tokens)
+        worker(args.prompt_tokens, args.new_tokens, args.in_thread)
         return
     if args.other is None or not (args.other / "sampler_core").is_dir():
         parser.error(f"other must be a checkout of this project, got {args.other}")
