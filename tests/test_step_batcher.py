@@ -53,9 +53,9 @@ def test_steps_of_runs_decoding_together_meet_in_batches() -> None:
     both = threading.Barrier(2)
 
     def run(first: int) -> None:
-        with batcher.decoding():
+        with batcher.decoding() as seat:
             both.wait()
-            results[first] = [batcher.step(first + n) for n in range(20)]
+            results[first] = [batcher.step(first + n, seat) for n in range(20)]
 
     run_threads(lambda: run(0), lambda: run(1000))
     assert results == {0: [n * 10 for n in range(20)],
@@ -71,25 +71,41 @@ def test_a_batch_holds_at_most_max_batch_steps_oldest_first() -> None:
     out: list[int] = []
 
     def run(item: int) -> None:
-        with batcher.decoding():
+        with batcher.decoding() as seat:
             start.wait()
-            out.append(batcher.step(item))
+            out.append(batcher.step(item, seat))
 
     run_threads(*[lambda i=i: run(i) for i in range(5)])
     assert sorted(out) == [0, 10, 20, 30, 40]
     assert max(recorder.sizes) <= 2 and sum(recorder.sizes) == 5
 
 
-def test_a_lone_run_never_waits_and_a_slow_one_is_not_waited_for_twice() -> None:
+def test_a_run_away_longer_than_away_s_is_not_waited_for() -> None:
+    """Waiting for the away run would take an hour: the step must return at once."""
     recorder = Recorder()
-    batcher = StepBatcher(recorder, max_batch=4, lock=nullcontext(), wait_per_run_s=0.05)
-    assert [batcher.step(n) for n in range(3)] == [0, 10, 20]  # not counted as decoding
-    assert recorder.sizes == [1, 1, 1] and batcher._patient
-    with batcher.decoding(), batcher.decoding():  # two runs decoding; only one steps
-        assert batcher.step(7) == 70  # waited in vain for the other
-        assert not batcher._patient
-        assert batcher.step(8) == 80  # went alone at once
-    assert recorder.sizes == [1] * 5
+    batcher = StepBatcher(recorder, max_batch=4, lock=nullcontext(), wait_per_run_s=3600,
+                          away_s=0.5)
+    assert [batcher.step(n) for n in range(3)] == [0, 10, 20]  # no seat: nobody waited for
+    got: list[int] = []
+    with batcher.decoding() as mine, batcher.decoding() as away:
+        away.back_at -= 1  # its last step came back a second ago: its consumer is slow
+        run_threads(lambda: got.append(batcher.step(7, mine)))
+    assert got == [70] and recorder.sizes == [1] * 4
+
+
+def test_a_run_just_back_is_waited_for() -> None:
+    recorder = Recorder()
+    batcher = StepBatcher(recorder, max_batch=4, lock=nullcontext(), wait_per_run_s=60,
+                          away_s=3600)
+    got: dict[int, int] = {}
+    with batcher.decoding() as first, batcher.decoding() as second:
+        def late() -> None:  # hands its step in only once the first one waits for it
+            while not batcher._leading:
+                pass
+            got[2] = batcher.step(2, second)
+
+        run_threads(lambda: got.update({1: batcher.step(1, first)}), late)
+    assert got == {1: 10, 2: 20} and recorder.sizes == [2]
 
 
 def test_a_step_that_fails_its_batch_fails_its_own_run_alone() -> None:
@@ -99,10 +115,10 @@ def test_a_step_that_fails_its_batch_fails_its_own_run_alone() -> None:
     both = threading.Barrier(2)
 
     def run(item: int) -> None:
-        with batcher.decoding():
+        with batcher.decoding() as seat:
             both.wait()
             try:
-                outcomes[item] = batcher.step(item)
+                outcomes[item] = batcher.step(item, seat)
             except ValueError as exc:
                 outcomes[item] = str(exc)
 
@@ -117,6 +133,8 @@ def test_the_batcher_checks_its_arguments_and_its_model() -> None:
         StepBatcher(Recorder(), max_batch=0, lock=nullcontext())
     with pytest.raises(ValueError, match="wait_per_run_s must be >= 0, got -1"):
         StepBatcher(Recorder(), max_batch=1, lock=nullcontext(), wait_per_run_s=-1)
+    with pytest.raises(ValueError, match="away_s must be >= 0, got -2"):
+        StepBatcher(Recorder(), max_batch=1, lock=nullcontext(), away_s=-2)
     short = StepBatcher(lambda items: [], max_batch=1, lock=nullcontext())
     with pytest.raises(RuntimeError, match="run_batch returned 0 results for 1 steps"):
         short.step(1)

@@ -23,7 +23,7 @@ from sampler_core.engine.models import LoadedModel
 from sampler_core.engine.packed import packed_for
 from sampler_core.engine.processors import LogitsProcessor, argmax, build_chain, draw
 from sampler_core.engine.prompt_cache import KeptPrefill, PromptCache, budget_from_env
-from sampler_core.engine.step_batcher import StepBatcher
+from sampler_core.engine.step_batcher import Seat, StepBatcher
 from sampler_core.engine.threads import one_thread
 from sampler_core.errors import ContextOverflow, InvalidInput, InvalidSettings
 from sampler_core.inputs import ImagePart, PromptPart, TextPart, TokenIdsPart
@@ -286,17 +286,19 @@ class CausalLMEngine:
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int], cache: DynamicCache | KVCache, *, all_logits: bool,
                  attention: bool, inputs: dict[str, torch.Tensor] | None = None,
-                 prefill: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 prefill: str | None = None, seat: Seat | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run pending tokens through the model; return logits (last or all) and attention rows.
 
         ``inputs`` replaces ``input_ids`` when given (a vision engine's ``inputs_embeds``, or
-        ``input_ids`` with ``pixel_values``); ``prefill`` is the plan's mode for a prompt.
+        ``input_ids`` with ``pixel_values``); ``prefill`` is the plan's mode for a prompt;
+        ``seat`` is the run's at the step batcher, when it holds one.
         """
         if isinstance(cache, KVCache):
             embeds = inputs["inputs_embeds"][0] if inputs is not None else None
             if embeds is None and len(ids) == 1 and self._batched(cache):
                 # A decode step, with whatever other runs' steps meet it (step_batcher.py).
-                return self._batcher.step((ids[0], cache, attention))
+                return self._batcher.step((ids[0], cache, attention), seat)
             with self._steps:  # one forward at a time, in arrival order: runs interleave fairly
                 if embeds is None and len(ids) == 1:  # a decode step: the leanest call
                     logits, rows = self._fast.decode(ids[0], cache, attention=attention)
@@ -434,7 +436,7 @@ class CausalLMEngine:
             yield from self._score_prompt(plan, logits)
         last = logits[-1]
         # From here on a step of this run may meet other runs' steps (step_batcher.py).
-        with self._batcher.decoding() if self._batched(cache) else nullcontext():
+        with self._batcher.decoding() if self._batched(cache) else nullcontext() as seat:
             for index in range(s.max_len):
                 # 1. Stop promptly when the caller has gone away.
                 if cancelled():
@@ -466,7 +468,7 @@ class CausalLMEngine:
                 # 7. Feed the token back in, unless this was the last one.
                 if index + 1 < s.max_len:
                     logits, rows = self._forward([token_id], cache, all_logits=False,
-                                                 attention=s.return_attention)
+                                                 attention=s.return_attention, seat=seat)
                     last = logits[-1]
         yield RunSummary(model_name=self.name, num_prompt_tokens=len(plan.prompt_ids),
                          num_generated_tokens=len(generated), finish_reason=finish,

@@ -6,13 +6,14 @@ tokens, each run with its own cache and position, and sums every output in the s
 whatever the batch holds: a run's tokens and figures are bit for bit those it gets alone, so a
 seeded run does not depend on what else is running.
 
-How steps meet. Each run's thread hands in its step and waits. The first to find no step
-under way leads: it waits briefly for the other runs that are decoding (between two steps a
-run draws its token and describes it, ~1 ms of Python), then runs every step handed in so far
+How steps meet. A decoding run holds a seat (``decoding()``); its thread hands in each step
+(``step``) and waits. The first to find no step under way leads: it waits briefly for the
+other seated runs that came back from their last step a moment ago (between two steps a run
+draws its token and describes it, ~1-1.5 ms of Python), then runs every step handed in so far
 (up to the batch limit) as one, under the engine's step lock (so prompts' prefills take turns
 with batches), and hands each its result. After one batch the runs come back at about the
-same time, so they stay in step. A run that does not come back in time (its consumer is slow)
-is not waited for again until a batch fills once more. A batch that fails runs again a step
+same time, so they stay in step. A run that has been away longer than ``AWAY_S`` (its
+consumer is slow to take its tokens) is not waited for. A batch that fails runs again a step
 at a time, so one run's fault fails that run alone.
 """
 
@@ -29,13 +30,26 @@ Result = TypeVar("Result")
 #: How long a leader waits for each other decoding run's step (a run's Python between steps
 #: is ~1-1.5 ms on this project's 2-core CPU; waiting longer only delays the batch).
 WAIT_PER_RUN_S = 0.0015
+#: A run away from the batcher longer than this since its last step is not waited for: four
+#: runs' Python takes turns under the GIL (~6 ms), a slow consumer takes longer.
+AWAY_S = 0.008
+
+
+class Seat:
+    """A decoding run's place at the batcher: whether it has a step in, and when it last got
+    a step's result back."""
+
+    def __init__(self) -> None:
+        self.stepping = False
+        self.back_at = time.monotonic()
 
 
 class _Request(Generic[Item, Result]):
-    """One step handed in, and (once its batch ran) its result or the batch's error."""
+    """One step handed in (by a seated run or not), and once its batch ran its result or
+    its error."""
 
-    def __init__(self, item: Item) -> None:
-        self.item = item
+    def __init__(self, item: Item, seat: Seat | None) -> None:
+        self.item, self.seat = item, seat
         self.done = False
         self.result: Result | None = None
         self.error: BaseException | None = None
@@ -46,38 +60,44 @@ class StepBatcher(Generic[Item, Result]):
     ``max_batch`` steps at a time, each batch inside ``lock``."""
 
     def __init__(self, run_batch: Callable[[list[Item]], Sequence[Result]], max_batch: int,
-                 lock: ContextManager[Any], wait_per_run_s: float = WAIT_PER_RUN_S) -> None:
+                 lock: ContextManager[Any], wait_per_run_s: float = WAIT_PER_RUN_S,
+                 away_s: float = AWAY_S) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if wait_per_run_s < 0:
             raise ValueError(f"wait_per_run_s must be >= 0, got {wait_per_run_s}")
+        if away_s < 0:
+            raise ValueError(f"away_s must be >= 0, got {away_s}")
         self._run_batch, self.max_batch, self._lock = run_batch, max_batch, lock
-        self.wait_per_run_s = wait_per_run_s
+        self.wait_per_run_s, self.away_s = wait_per_run_s, away_s
         self._cond = threading.Condition()
         self._pending: list[_Request[Item, Result]] = []
         self._leading = False
-        self._decoding = 0  # runs between their prefill and their end
-        self._patient = True  # whether a leader waits for the others (see the module doc)
+        self._seats: set[Seat] = set()  # runs between their prefill and their end
         #: How many batches ran, and how many steps they held (for tests and benchmarks).
         self.batches = self.steps = 0
 
     @contextmanager
-    def decoding(self) -> Iterator[None]:
-        """Count the calling run among those a leader waits for, for the body's duration."""
+    def decoding(self) -> Iterator[Seat]:
+        """A seat for the calling run for the body's duration: pass it to ``step``."""
+        seat = Seat()
         with self._cond:
-            self._decoding += 1
+            self._seats.add(seat)
         try:
-            yield
+            yield seat
         finally:
             with self._cond:
-                self._decoding -= 1
+                self._seats.discard(seat)
                 self._cond.notify_all()  # a leader may be waiting for this run
 
-    def step(self, item: Item) -> Result:
-        """``item``'s result, computed in a batch with whatever other steps meet it."""
-        request: _Request[Item, Result] = _Request(item)
+    def step(self, item: Item, seat: Seat | None = None) -> Result:
+        """``item``'s result, computed in a batch with whatever other steps meet it (a run
+        that holds a seat passes it, so others wait for it while it is near)."""
+        request: _Request[Item, Result] = _Request(item, seat)
         with self._cond:
             self._pending.append(request)
+            if seat is not None:
+                seat.stepping = True
             self._cond.notify_all()  # a leader may be gathering
             while not request.done:
                 if self._leading:
@@ -90,10 +110,13 @@ class StepBatcher(Generic[Item, Result]):
                     self._run(batch)
                 finally:
                     self._cond.acquire()
+                    back_at = time.monotonic()
                     for waiting in batch:  # interrupted (the leader's own exception): say so
                         if waiting.result is None and waiting.error is None:
                             waiting.error = RuntimeError("the decode step was interrupted")
                         waiting.done = True
+                        if waiting.seat is not None:  # back now: the next leader waits for it
+                            waiting.seat.stepping, waiting.seat.back_at = False, back_at
                     self._leading = False
                     self._cond.notify_all()
         if request.error is not None:
@@ -101,18 +124,21 @@ class StepBatcher(Generic[Item, Result]):
         return request.result  # type: ignore[return-value]
 
     def _gather(self) -> list[_Request[Item, Result]]:
-        """Wait (lock held, released while waiting) for the other decoding runs' steps, up to
-        WAIT_PER_RUN_S each; take the oldest ``max_batch`` pending steps."""
-        expected = min(max(self._decoding, 1), self.max_batch)
-        if self._patient and len(self._pending) < expected:
-            deadline = time.monotonic() + self.wait_per_run_s * (expected - len(self._pending))
-            while len(self._pending) < min(max(self._decoding, 1), self.max_batch):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-        # Patient again once a batch fills; not after waiting in vain (a slow run's consumer).
-        self._patient = len(self._pending) >= min(max(self._decoding, 1), self.max_batch)
+        """Wait (lock held, released while waiting), up to ``wait_per_run_s`` each, for the
+        steps of seated runs that are near (back from their last step less than ``away_s``
+        ago); take the oldest ``max_batch`` pending steps."""
+        def expected() -> int:
+            now = time.monotonic()
+            near = sum(1 for seat in self._seats
+                       if not seat.stepping and now - seat.back_at < self.away_s)
+            return min(len(self._pending) + near, self.max_batch)
+
+        deadline = time.monotonic() + self.wait_per_run_s * (expected() - len(self._pending))
+        while len(self._pending) < expected():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
         batch = self._pending[:self.max_batch]
         del self._pending[:self.max_batch]
         return batch
