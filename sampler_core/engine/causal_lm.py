@@ -325,7 +325,7 @@ class CausalLMEngine:
     def _batched(self, cache: DynamicCache | KVCache) -> bool:
         """Whether this run's decode steps go through the step batcher."""
         return (self._batcher is not None and isinstance(cache, KVCache)
-                and self._fast.batchable(cache))
+                and self._fast.steps_in_kernel(cache))
 
     def _new_cache(self, capacity: int) -> DynamicCache | KVCache:
         """A KV cache for one run: preallocated for the lean runner, else transformers' own.

@@ -400,17 +400,24 @@ class FastLlama:
         """How many runs' decode steps ``decode_many`` takes at once (1 without the kernel)."""
         return self._kernel.decode_max_seqs() if self.packed is not None else 1
 
-    def batchable(self, cache: KVCache) -> bool:
-        """Whether a decode step on ``cache`` can share ``decode_many`` with others: the packed
-        CPU path (the kernel's batched step), within its context limit."""
+    def steps_in_kernel(self, cache: KVCache) -> bool:
+        """Whether a decode step on ``cache`` is one C call on the packed weights (``decode``'s
+        leanest path, which ``decode_many`` shares between runs): the packed CPU path, within
+        the kernel's context limit."""
         return (self.packed is not None and not self.cuda_graphs
                 and self.embed.dtype == torch.float32 and self.embed.is_contiguous()
                 and cache.length + 1 <= self._decode_max_context)
 
+    def _check_token(self, token_id: int) -> None:
+        """Refuse an id outside the vocabulary (its embedding row would be read out of bounds)."""
+        if not 0 <= token_id < self.embed.shape[0]:
+            raise ValueError(f"token id {token_id} is outside the vocabulary "
+                             f"(0..{self.embed.shape[0] - 1})")
+
     def decode_many(self, steps: Sequence[tuple[int, KVCache, bool]]
                     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Several runs' decode steps, ``(token id, cache, attention)`` each (every cache
-        ``batchable``, at most ``max_batch``), in one C call that reads the weights once for
+        ``steps_in_kernel``, at most ``max_batch``), in one C call that reads the weights once for
         all; each gets bit for bit what ``decode`` gives it alone: logits ``[1, vocab]`` and,
         when asked, attention rows ``[layer, head, context]``."""
         if not 1 <= len(steps) <= self.max_batch:
@@ -426,10 +433,9 @@ class FastLlama:
         row_bytes = self.hidden * self.embed.element_size()
         seqs = (packed_kernels.DecodeSeqStruct * count)()
         rows: list[torch.Tensor | None] = []
+        for token_id, _, _ in steps:
+            self._check_token(token_id)
         for n, ((token_id, cache, attention), start) in enumerate(zip(steps, starts)):
-            if not 0 <= token_id < self.embed.shape[0]:
-                raise ValueError(f"token id {token_id} is outside the vocabulary "
-                                 f"(0..{self.embed.shape[0] - 1})")
             ctypes.memmove(x.data_ptr() + n * row_bytes,
                            self.embed.data_ptr() + token_id * row_bytes, row_bytes)
             rows.append(torch.empty(self.num_layers, self.num_heads, start + 1)
@@ -454,14 +460,10 @@ class FastLlama:
         """One new token: ``forward`` on ``[token_id]``, with the least Python around the C step
         on the packed path (the tensor of ids, the embedding lookup, the copies and the
         allocations around it had cost ~0.35 ms a token against its ~5.5 ms)."""
-        if (self.packed is None or self.cuda_graphs or self.embed.dtype != torch.float32
-                or not self.embed.is_contiguous()
-                or cache.length + 1 > self._decode_max_context):
+        if not self.steps_in_kernel(cache):
             return self.forward(torch.tensor([token_id], device=self.embed.device), cache,
                                 attention=attention)
-        if not 0 <= token_id < self.embed.shape[0]:
-            raise ValueError(f"token id {token_id} is outside the vocabulary "
-                             f"(0..{self.embed.shape[0] - 1})")
+        self._check_token(token_id)
         rows = (torch.empty(self.num_layers, self.num_heads, cache.length + 1)
                 if attention else None)
         return self._decode_packed(cache, rows, token_id=token_id), rows

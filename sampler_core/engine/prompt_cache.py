@@ -112,12 +112,6 @@ class PromptCache:
             self.max_bytes = max_bytes
             self._evict(0)
 
-    def clear(self) -> None:
-        """Drop every entry (the budget stays)."""
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
     def lookup(self, key: Hashable, attention: bool) -> KeptPrefill | None:
         """The entry for ``key`` (now the most recently used), or None; an entry without
         attention weights does not serve a run that asks for them."""
