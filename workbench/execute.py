@@ -68,16 +68,19 @@ class LiveRun:
         self._forced_from = 0
         self._started, self._stamps = time.perf_counter(), []  # for the run's speed line
 
-    def open(self) -> tuple[PromptPart, ...]:
-        """Get ready to stream (the image kept, the prompt's labels); the run's prompt parts."""
+    def open(self, labels: tuple[str, ...] | None = None) -> tuple[PromptPart, ...]:
+        """Get ready to stream (the image kept, the prompt's labels: tokenised here unless
+        given, as another run of the same prompt has them); the run's prompt parts."""
         run, prompt = self.run, self.run.prompt
         if self.image is not None:
             run = run.with_tokens(self._tokens, image_sha=store.put_image(self.image))
         parts = prompt_parts(prompt, run.forced_ids, self.image, run.image_after)
         if self.bar.source == "local":
             resources.engine(self.bar.model)
-        self._labels = tuple(t.token_str for t in resources.runner().tokenize(
-            self.bar.client, prompt, self.bar.model)) if prompt else ()
+        if labels is None:
+            labels = tuple(t.token_str for t in resources.runner().tokenize(
+                self.bar.client, prompt, self.bar.model)) if prompt else ()
+        self._labels = labels
         self.run = run.with_tokens(self._tokens, prompt_labels=self._labels)
         self._update(self.run)
         # Where the forced tokens start in the context: the parent's first generated position
@@ -185,10 +188,12 @@ def stream_runs(bar: Sidebar, prompt: str, settings: Sequence[SampleSettings],
                              image_after=image_after,
                              on_update=lambda _run: report([live.run for live in lives])))
     opened: dict[int, tuple[PromptPart, ...]] = {}
+    labels: tuple[str, ...] | None = None  # one prompt: tokenised once
     try:
         for n, live in enumerate(lives):
             try:
-                opened[n] = live.open()
+                opened[n] = live.open(labels)
+                labels = live.run.prompt_labels
             except Exception as exc:  # noqa: BLE001 - shown in the run, not as a trace
                 live.fail(exc)
         order = sorted(opened)
