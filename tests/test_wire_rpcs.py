@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import grpc
@@ -10,6 +11,7 @@ from google.protobuf import empty_pb2
 
 from sampler_core import Client, FinishReason, RunSummary, Token, TokenType
 from sampler_core.wire._generated.prompt_ide import sampler_public_pb2 as pb
+from conftest import need
 from wire_fixtures import ThreadServer, sample_request, wire_server  # noqa: F401
 
 
@@ -169,6 +171,36 @@ def test_a_reused_prefill_is_said_in_the_summary_over_the_wire(wire_server) -> N
     assert before.num_prompt_tokens >= 64
     assert (before.prefill_reused, after.prefill_reused) == (False, True)
     assert first == second and len(first) == 3
+
+
+def test_concurrent_streams_meet_in_the_engine_and_each_equals_itself_alone(wire_server,
+                                                                            engine) -> None:
+    """Three SDK clients at once over the real channel: each stream's tokens are the ones it
+    gets alone, and the server's engine took some of their decode steps together."""
+    need(engine._batcher is not None, "decode steps meet on the packed CPU path only")
+    text = "Three ferries crossed the bay at dawn, and"
+
+    def tokens(seed: int) -> list[tuple[int, float]]:
+        channel, stub = wire_server.stub()
+        with channel:
+            responses = list(stub.SampleTokens(sample_request(
+                text=text, max_len=24, rng_seed=seed, temperature=1.0, stop_at_eos=False),
+                timeout=120))
+        return [(r.token.final_logit.token_id, r.token.final_logit.prob)
+                for r in responses if r.HasField("token")]
+
+    alone = {seed: tokens(seed) for seed in (1, 2, 3)}
+    batcher = engine._batcher
+    batches, steps = batcher.batches, batcher.steps
+    together: dict[int, list[tuple[int, float]]] = {}
+    threads = [threading.Thread(target=lambda s=seed: together.update({s: tokens(s)}))
+               for seed in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert together == alone and all(len(t) == 24 for t in alone.values())
+    assert 0 < batcher.batches - batches < batcher.steps - steps  # some steps met
 
 
 def test_a_run_summary_crosses_the_wire_whole() -> None:
