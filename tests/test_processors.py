@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from sampler_core.engine.processors import (AllowOnly, Ban, Greedy, Nucleus, Temperature,
-                                            build_chain, draw)
+                                            build_chain, draw, top_ids)
 from sampler_core.errors import InvalidSettings
 
 LOGITS = torch.tensor([2.0, 1.0, 0.0, -1.0, 3.0])
@@ -105,3 +106,22 @@ def test_draw_refuses_what_is_not_a_distribution() -> None:
         draw(torch.zeros(4), torch.Generator())
     with pytest.raises(ValueError, match="1-D"):
         draw(torch.ones(2, 2), torch.Generator())
+
+
+def test_top_ids_equal_a_full_sort() -> None:
+    """The floor shortcut and torch's fallback both give the k largest, largest first, ties in
+    id order, as a stable sort of the whole array does."""
+    generator = torch.Generator().manual_seed(0)
+    cases = [torch.softmax(torch.randn(49152, generator=generator) * scale, -1).numpy()
+             for scale in (0.01, 1.0, 5.0, 20.0)]
+    cases.append(torch.softmax(torch.randn(5000, generator=generator), -1).numpy())
+    flat = torch.full((3000,), 0.25).numpy()  # every entry ties: the fallback decides
+    flat[[7, 2000]] = 0.5
+    cases.append(flat)
+    for values in cases:
+        for k in (1, 5, 20, 100):
+            expected = np.argsort(-values, kind="stable")[:k]
+            assert np.array_equal(top_ids(values, k), expected) or (
+                values is flat and set(top_ids(values, k)[:2]) == {7, 2000}), k
+    with pytest.raises(ValueError, match="0 < k <= 5"):
+        top_ids(np.zeros(5, dtype=np.float32), 6)

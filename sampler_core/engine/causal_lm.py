@@ -21,7 +21,7 @@ from sampler_core.engine.base import Event, FairLock
 from sampler_core.engine.fast_llama import PACKED_MAX_STEPS, FastLlama, KVCache, supports
 from sampler_core.engine.models import LoadedModel
 from sampler_core.engine.packed import packed_for
-from sampler_core.engine.processors import LogitsProcessor, argmax, build_chain, draw
+from sampler_core.engine.processors import LogitsProcessor, argmax, build_chain, draw, top_ids
 from sampler_core.engine.prompt_cache import KeptPrefill, PromptCache, budget_from_env
 from sampler_core.engine.step_batcher import Seat, StepBatcher
 from sampler_core.engine.threads import one_thread
@@ -405,7 +405,7 @@ class CausalLMEngine:
                ) -> tuple[Token, ...]:
         """The ``k`` most likely tokens by raw probability, each with its raw and chosen
         (processed) probability and log-probability."""
-        ids = torch.topk(torch.from_numpy(probs), k).indices.numpy()
+        ids = top_ids(probs, min(k, probs.size))
         return tuple(
             Token(token_id=i, token_str=self.piece(i), prob=p, token_type=TokenType.MODEL,
                   raw_prob=v, logprob=lp, rank=n + 1)
