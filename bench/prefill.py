@@ -1,11 +1,12 @@
 """Time to first token for a long prompt, by how the prefill runs, against generate().
 
-Four ways, interleaved rep by rep so the machine's drift hits each alike: torch's fused
-attention with float32 BLAS linears (the path before ``prefill_attention.c``), the C
-attention kernel with BLAS linears (the default), the C attention kernel with the opt-in
-``fixed16`` linears (``PROMPT_IDE_PREFILL=fixed16``), and transformers' ``generate()``.
-Prints the median of each and ``generate()``'s median over it (above 1: faster); the last
-line is one JSON object.
+Five ways, interleaved rep by rep so the machine's drift hits each alike: torch's fused
+attention with MKL's float32 linears (``F.linear``: the path before ``prefill_attention.c``),
+the C attention kernel with MKL's linears (the default before oneDNN's), the C attention
+kernel with oneDNN's float32 linears (the default), the C attention kernel with the opt-in
+``fixed16`` linears (``PROMPT_IDE_PREFILL=fixed16``), ``fast``, and transformers'
+``generate()``. Prints the median of each and ``generate()``'s median over it (above 1:
+faster); the last line is one JSON object.
 
     python bench/prefill.py [--prompt-tokens 2000] [--reps 5]
 """
@@ -20,11 +21,13 @@ import sys
 from decode import prompt_ids, time_engine, time_generate
 from sampler_core.engine import get_engine
 
-#: (kernel attention, linears' mode) for each way the engine can prefill.
-ENGINE_WAYS = {"torch_attention_blas": (False, "float32"),
-               "kernel_attention_blas": (True, "float32"),
-               "kernel_attention_fixed16": (True, "fixed16"),
-               "fast": (True, "fast")}
+#: (kernel attention, linears' mode, oneDNN's float32 product) for each way the engine can
+#: prefill.
+ENGINE_WAYS = {"torch_attention_blas": (False, "float32", False),
+               "kernel_attention_blas": (True, "float32", False),
+               "kernel_attention_onednn": (True, "float32", True),
+               "kernel_attention_fixed16": (True, "fixed16", True),
+               "fast": (True, "fast", True)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,20 +47,24 @@ def main(argv: list[str] | None = None) -> int:
         del ways["kernel_attention_fixed16"]  # no AVX-512 VNNI here
     if not (runner._kernel.prefill_supported() and runner._kernel.prefill_attention_bf16_supported()):
         del ways["fast"]
+    if not runner.onednn_linears:
+        del ways["kernel_attention_onednn"]  # this torch lacks oneDNN's product
     ids = prompt_ids(engine, args.prompt_tokens)
     time_engine(engine, ids[:300], 2)  # warm-up
     ttft: dict[str, list[float]] = {name: [] for name in [*ways, "generate"]}
     try:
         for rep in range(args.reps):
-            for name, (kernel_attention, mode) in ways.items():
+            for name, (kernel_attention, mode, onednn) in ways.items():
                 runner.set_prefill(kernel_attention=kernel_attention, mode=mode)
+                runner.onednn_linears = onednn
                 ttft[name].append(time_engine(engine, ids, 2)[1])
             ttft["generate"].append(time_generate(engine, ids, 2)[1])
             print(f"rep {rep + 1}: " + ", ".join(f"{n} {v[-1]:.0f} ms" for n, v in ttft.items()),
                   file=sys.stderr, flush=True)
     finally:
-        kernel_attention, mode = ENGINE_WAYS["kernel_attention_blas"]
+        kernel_attention, mode, onednn = ENGINE_WAYS["kernel_attention_onednn"]
         runner.set_prefill(kernel_attention=kernel_attention, mode=mode)
+        runner.onednn_linears = onednn and "kernel_attention_onednn" in ways
     median = {name: statistics.median(values) for name, values in ttft.items()}
     print(json.dumps({
         "prompt_tokens": args.prompt_tokens, "reps": args.reps,

@@ -109,6 +109,33 @@ def test_results_do_not_depend_on_the_thread_count(fast) -> None:
     assert torch.equal(one, head(x))
 
 
+
+def test_the_long_prefill_product_is_float32_and_the_same_per_row(fast) -> None:
+    """oneDNN's product, which long prefills multiply float32 weights by: within float32
+    rounding of a float64 product, and each row the same whatever the thread count or the row
+    count past one (so seeded runs and kept prefills stay bit for bit repeatable). A single row
+    takes another kernel: within rounding, not equal."""
+    from sampler_core.engine.fast_llama import onednn_linear
+
+    product = onednn_linear()
+    need(product is not None, "this torch build lacks oneDNN's linear")
+    assert fast._fast.onednn_linears and fast._fast.dense_product is product
+    weight = fast._fast.packed.layers[3][2].unpack()  # gate/up: [3072, 576]
+    x = torch.randn(700, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    full = product(x, weight)
+    exact = x.double() @ weight.double().T
+    assert float((full.double() - exact).abs().max() / exact.abs().max()) < 1e-5
+    assert torch.equal(product(x[:300].contiguous(), weight), full[:300])
+    assert torch.equal(product(x[-2:].contiguous(), weight), full[-2:])
+    assert torch.allclose(product(x[-1:].contiguous(), weight), full[-1:], rtol=0, atol=1e-4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = product(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, full)
+
 def test_decode_attention_rows_equal_eager_attention_after_a_long_prefill(fast) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -353,8 +353,9 @@ class CausalLMEngine:
                 or not isinstance(cache, KVCache) or not kept.admits(len(plan.prompt_ids))):
             return (*self._prefill(plan, cache, all_logits=all_logits, attention=attention), False)
         # What the prefill computed from: the ids, and how (the mode and, for the benchmarks'
-        # comparisons, which attention).
-        key = (plan.prompt_ids, plan.prefill, self._fast.prefill_attention_kernel)
+        # comparisons, which attention and which float32 product).
+        key = (plan.prompt_ids, plan.prefill, self._fast.prefill_attention_kernel,
+               self._fast.onednn_linears)
         length = len(plan.prompt_ids)
         entry = kept.lookup(key, attention)
         if entry is None:

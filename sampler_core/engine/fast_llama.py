@@ -14,8 +14,8 @@ With packed weights (``packed.py``: a GGUF model's own Q4_1/Q8_0 blocks, bit for
 float32 weights) a decode step is one C call for the whole model (per layer: norm, q/k/v,
 rotary, cache write, attention with its weights, MLP; then the final norm and the output head)
 reading 97 MB instead of 538 (and up to four concurrent runs' steps are one call,
-``decode_many``); short prefills use the packed matmul, long ones BLAS on one
-layer's weights rebuilt at a time (or, opted into with ``PROMPT_IDE_PREFILL=fixed16`` or
+``decode_many``); short prefills use the packed matmul, long ones a float32 product (oneDNN's,
+see ``onednn_linear``) on one layer's weights rebuilt at a time (or, opted into with ``PROMPT_IDE_PREFILL=fixed16`` or
 ``fast``, 16- or 8-bit fixed-point activations on VNNI, and for ``fast`` bfloat16 attention
 products: faster, not exact), and prefill attention is a float32
 C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The model's float32 layer
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -77,11 +77,42 @@ def _fuse(module: Any, names: tuple[str, ...]) -> torch.Tensor:
     return fused
 
 
+DenseProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _linear(x: torch.Tensor,
-            weight: torch.Tensor | PackedLinear | Callable[[torch.Tensor], torch.Tensor]
-            ) -> torch.Tensor:
-    """``x @ weight.T`` for a float32 weight, a packed one, or a packed one's ``prefill``."""
-    return F.linear(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
+            weight: torch.Tensor | PackedLinear | Callable[[torch.Tensor], torch.Tensor],
+            dense: DenseProduct = F.linear) -> torch.Tensor:
+    """``x @ weight.T`` for a float32 weight (by ``dense``), a packed one, or a packed one's
+    ``prefill``."""
+    return dense(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
+
+
+@cache
+def onednn_linear() -> DenseProduct | None:
+    """torch's own oneDNN float32 product (``mkldnn._linear_pointwise``, what torch.compile
+    emits for a CPU linear), or None where this torch build lacks it or it fails a probe.
+
+    Why not ``F.linear`` (MKL's sgemm): on this 2-core AVX-512 machine oneDNN multiplies the
+    prefill's shapes (2,000 rows by 576 or 1,536) at 190-206 GFLOP/s against MKL's 130-165,
+    and a single row 1.7x as fast. Still float32 throughout (relative error ~1e-6 against
+    float64, MKL's ~4e-7), and each row's result is the same whatever the number of threads
+    and the row count past one (checked by the tests), so runs stay bit for bit repeatable.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        probe = op(torch.ones(2, 32), torch.ones(3, 32), None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return None
+    if not torch.equal(probe, torch.full((2, 3), 32.0)):
+        return None
+
+    def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return op(x, weight, None, "none", [], "")
+
+    return product
 
 
 def supports(model: Any) -> bool:
@@ -145,6 +176,9 @@ class FastLlama:
         self.prefill_mode = "float32"
         #: Whether prefill attention runs in the kernel (float32, ~1.3x torch's fused one).
         self._prefill_attention = False
+        #: Whether float32 weights on the CPU multiply through oneDNN (``onednn_linear``)
+        #: rather than ``F.linear``; the benches switch it to compare.
+        self.onednn_linears = self.embed.device.type == "cpu" and onednn_linear() is not None
         if self.packed is not None:
             # An inexact mode when asked for and this CPU runs it; else exact float32.
             try:
@@ -172,6 +206,12 @@ class FastLlama:
         """Whether prefill attention can run in the kernel (packed weights, a fitting head)."""
         return (self.packed is not None and self.head_dim % 16 == 0
                 and self.head_dim <= self._kernel.prefill_attention_max_dim())
+
+    @property
+    def dense_product(self) -> DenseProduct:
+        """How float32 weights multiply now: oneDNN's product or ``F.linear``."""
+        product = onednn_linear() if self.onednn_linears else None
+        return F.linear if product is None else product
 
     @property
     def prefill_attention_kernel(self) -> bool:
@@ -263,6 +303,7 @@ class FastLlama:
         cos, sin = self._rotary(start, end)  # [T, head_dim]
         # Inexact modes apply to long prefills only; short ones read the packed blocks exactly.
         mode = (prefill or self.prefill_mode) if steps > PACKED_MAX_STEPS else "float32"
+        dense = self.dense_product
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
             # Past the last layer's keys and values only the last position is read (unless
             # every position's logits are): the rest of that layer runs on its row alone.
@@ -271,7 +312,7 @@ class FastLlama:
                 w_qkv, w_o, w_gate_up, w_down = self._packed_weights(index, steps, mode,
                                                                      last_row_only)
             # Attention block: q/k/v, rotary, cache write, attention (and the last row's weights).
-            qkv = _linear(self._norm(x, w_in), w_qkv)
+            qkv = _linear(self._norm(x, w_in), w_qkv, dense)
             if last_row_only:
                 q = (self._split_heads_kernel if self._prefill_attention
                      else self._split_heads)(qkv, cache, index, start, cos, sin)
@@ -288,15 +329,15 @@ class FastLlama:
                 last = q[:, -1:].reshape(self.num_kv, self.group, self.head_dim)
                 rows[index] = torch.softmax(last @ cache.keys[index, :, :end].transpose(1, 2)
                                             * self.scale, dim=-1).reshape(self.num_heads, end)
-            x = x + _linear(out, w_o)
+            x = x + _linear(out, w_o, dense)
             # MLP block.
-            gate_up = _linear(self._norm(x, w_post), w_gate_up)
-            x = x + _linear(self._silu_times(gate_up), w_down)
+            gate_up = _linear(self._norm(x, w_post), w_gate_up, dense)
+            x = x + _linear(self._silu_times(gate_up), w_down, dense)
         cache.length = end
         hidden = self._norm(x if all_logits else x[-1:], self.final_norm)
         head = (self.packed.lm_head if self.packed is not None and hidden.shape[0] <= PACKED_MAX_STEPS
                 else self.lm_head)
-        return _linear(hidden, head), rows
+        return _linear(hidden, head, dense), rows
 
     def _packed_weights(self, layer: int, steps: int, mode: str, last_row_only: bool
                         ) -> list[Any]:
