@@ -14,8 +14,9 @@ in long prefills; ``fast``: 8-bit activations and bfloat16 attention products) e
 own 2,000-token time to first token and their deviation on five 400-token prompts (windows of
 this repository's README), next to the default path's. Every time to first token above is
 a prompt's own prefill (the engine's kept prefills are off for them); ``ttft_2000_reused_ms`` is
-the 2,000-token prompt run again with its prefill kept (``prompt_cache.py``), not comparable
-with ``generate()``'s, which always prefills.
+the 2,000-token prompt run again with its prefill kept (``prompt_cache.py``), and
+``ttft_2000_tail_ms`` that prompt with its last 20 tokens changed (its kept head reused, its
+tail prefilled), neither comparable with ``generate()``'s, which always prefills.
 On a GPU (``--device``, default ``auto``) the reference for the deviations is the float32
 model on the CPU; decode also runs with the kernels launched one by one instead of replayed
 from a CUDA graph (``plain_launched``), and the GPU's peak memory is reported.
@@ -104,17 +105,23 @@ def time_generate(engine: Any, ids: list[int], new: int) -> tuple[float, float]:
     return (new - 1) / (clock.stamps[-1] - clock.stamps[0]), (clock.stamps[0] - start) * 1000
 
 
-def time_reused(engine: Any, ids: list[int], budget: int, reps: int) -> float | None:
-    """Median time to first token in ms of ``ids`` run again with its prefill kept (within
-    ``budget`` bytes); None when the engine keeps no prefills (not the lean runner, or
-    ``$PROMPT_IDE_PROMPT_CACHE_MB=0``). The cache is off again afterwards."""
+def time_reused(engine: Any, ids: list[int], budget: int, reps: int
+                ) -> tuple[float, float] | None:
+    """Median times to first token in ms of ``ids`` run again with its prefill kept (within
+    ``budget`` bytes), and of ``ids`` with its last 20 tokens changed, which reuses the kept
+    head and prefills its tail; None when the engine keeps no prefills (not the lean runner,
+    or ``$PROMPT_IDE_PROMPT_CACHE_MB=0``). The cache is off again afterwards."""
     kept = engine.prompt_cache
     if kept is None or budget == 0:
         return None
+    tails = [ids[:-20] + [(t + 1 + rep) % engine.vocab_size for t in ids[-20:]]
+             for rep in range(reps)]
     kept.resize(budget)
     try:
         time_engine(engine, ids, 2, top_k=20)  # prefills, and keeps what it left
-        return statistics.median(time_engine(engine, ids, 2, top_k=20)[1] for _ in range(reps))
+        again = statistics.median(time_engine(engine, ids, 2, top_k=20)[1] for _ in range(reps))
+        tail = statistics.median(time_engine(engine, edited, 2, top_k=20)[1] for edited in tails)
+        return again, tail
     finally:
         kept.resize(0)
 
@@ -298,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "generate_ttft_2000_ms": round(median["generate"], 1),
         "ratio_ttft_2000": round(median["generate"] / median["engine"], 3),
         **{f"ttft_2000_{mode}_ms": round(median[mode], 1) for mode in modes},
-        **({"ttft_2000_reused_ms": round(reused, 1)} if reused is not None else {}),
+        **({"ttft_2000_reused_ms": round(reused[0], 1), "ttft_2000_tail_ms": round(reused[1], 1)}
+           if reused is not None else {}),
         **{f"ratio_ttft_2000_{mode}": round(median["generate"] / median[mode], 3)
            for mode in modes},
         **({"plain_launched_tok_s": round(tok_s["plain_launched"], 2),

@@ -114,9 +114,11 @@ class RunSummary:
     ``notes`` holds things the user should see, for example a stop token that is not one
     vocabulary token and was therefore ignored. ``prefill`` is how the prompt's forward
     actually computed (``float32``, exact, or an inexact mode asked for by name); empty when
-    the engine did not say (an older server). ``prefill_reused``: the prompt's forward was not
-    run, its result copied from an earlier run of the same prompt (bit for bit the same; why
-    the first token came at once).
+    the engine did not say (an older server). ``prefill_reused``: some of the prompt's forward
+    was not run but copied from an earlier prefill, bit for bit what running it gives (why the
+    first token came sooner): ``prefill_reused_tokens`` positions of it, the whole prompt when
+    an earlier run had the same one, else the first tokens it shares with a kept prompt (0 from
+    an older server).
     """
 
     model_name: str
@@ -127,3 +129,4 @@ class RunSummary:
     notes: tuple[str, ...] = ()
     prefill: str = ""
     prefill_reused: bool = False
+    prefill_reused_tokens: int = 0

@@ -1,14 +1,16 @@
-"""Kept prefills (prompt_cache.py): the budget, least-recently-used order and validation on
-small tensors; on the real model, a run that reuses a prefill gives exactly the run that
-prefills, and the engine keeps only what it may."""
+"""Kept prefills (prompt_cache.py): the budget, least-recently-used order, the longest shared
+head and validation on small tensors; on the real model, a run that reuses a prefill (all of
+it, or the head it shares with a kept prompt) gives exactly the run that prefills, and the
+engine keeps and reuses only what it may."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from conftest import need
 from sampler_core.engine.prompt_cache import (BUDGET_ENV, DEFAULT_BUDGET_MB, KeptPrefill,
-                                              PromptCache, budget_from_env)
+                                              PromptCache, budget_from_env, shared_length)
 from sampler_core.inputs import TokenIdsPart
 from sampler_core.settings import SampleSettings
 from sampler_core.tokens import Token
@@ -99,6 +101,22 @@ def test_resizing_drops_what_no_longer_fits_and_zero_turns_it_off() -> None:
     assert len(cache) == 0
 
 
+
+def test_the_longest_shared_head_is_found_within_its_limit_and_way() -> None:
+    assert shared_length((1, 2, 3), (1, 2, 4, 5)) == 2
+    assert shared_length((1, 2), (1, 2, 3)) == 2 and shared_length((), (1,)) == 0
+    cache = PromptCache(10**6, min_tokens=3)
+    cache.keep((tuple(range(10)), "exact"), entry(10))
+    cache.keep((tuple(range(6)) + (99, 98), "exact"), entry(10))
+    cache.keep((tuple(range(20)), "other way"), entry(10))
+    ids = tuple(range(8)) + (50, 51)
+    found = cache.longest_shared(ids, "exact", limit=len(ids) - 2)
+    assert found is not None and found[1] == 8 and cache.shared_hits == 1
+    assert cache.longest_shared(ids, "exact", limit=5)[1] == 5  # at most the limit
+    assert cache.longest_shared((0, 1, 7, 7, 7), "exact", limit=3) is None  # under min_tokens
+    assert cache.longest_shared(ids, "a way nothing was kept", limit=8) is None
+    assert cache.shared_hits == 2
+
 # ----- on the real model --------------------------------------------------------------------------
 
 @pytest.fixture
@@ -162,7 +180,7 @@ def test_attention_is_kept_when_asked_for_and_reused_exactly(engine, kept) -> No
 
 def test_only_the_same_prompt_long_enough_and_unscored_is_reused(engine, kept) -> None:
     run(engine, prompt(engine))
-    run(engine, prompt(engine, variant=1))  # one token differs: its own prefill
+    run(engine, prompt(engine, variant=1))  # one token differs: a miss (its tail prefills)
     assert (kept.hits, kept.misses, len(kept)) == (0, 2, 2)
     run(engine, prompt(engine)[:39])  # under min_tokens: never looked up
     run(engine, prompt(engine), score_prompt=True)  # every position's logits: prefills
@@ -232,3 +250,61 @@ def test_runs_of_a_new_prompt_started_together_prefill_it_once(engine, kept, mon
         thread.join(120)
     assert together == alone
     assert len(prefills) == 1 and sorted(reused.values()) == [False, True, True]
+
+
+
+def test_a_prompt_sharing_a_kept_head_prefills_only_its_tail_exactly(engine, kept,
+                                                                    monkeypatch) -> None:
+    """The positions a kept prompt shares are copied and only the rest runs, as a long prefill
+    of the whole prompt would: every figure of every token, attention included, equals a cold
+    run's, for a tail after an edit, a prompt one token longer and one token shorter."""
+    head = prompt(engine)
+    edited = head[:50] + tuple(engine.encode(" but the rain came down hard on the mill roof"))
+    cases = {"edited": (edited, 50), "longer": (head + (head[5],), len(head) - 1),
+             "shorter": (head[:-1], len(head) - 3)}
+    kept.resize(0)
+    cold = {name: run(engine, ids, rng_seed=4, return_attention=True)
+            for name, (ids, _) in cases.items()}
+    forwards: list[tuple[int, bool]] = []
+    forward = engine._fast.forward
+
+    def recorded(input_ids, cache, **kwargs):
+        forwards.append((int(input_ids.shape[0]), kwargs.get("as_long_prefill", False)))
+        return forward(input_ids, cache, **kwargs)
+
+    monkeypatch.setattr(engine._fast, "forward", recorded)
+    for name, (ids, shared) in cases.items():
+        kept.resize(0)
+        kept.resize(10**9)
+        run(engine, head, rng_seed=4)  # keeps the head's prefill
+        forwards.clear()
+        hits = kept.shared_hits
+        settings = SampleSettings(max_len=8, temperature=1.0, nucleus_p=0.95, top_k=5,
+                                  stop_at_eos=False, rng_seed=4, return_attention=True)
+        events = list(engine.start([TokenIdsPart(ids)], settings))
+        figures = [(t.token_id, t.prob, t.raw_prob, t.logprob, t.entropy, t.rank, t.attn_weights,
+                    tuple((k.token_id, k.prob, k.logprob) for k in t.top_k))
+                   for t in events if isinstance(t, Token)]
+        assert figures == cold[name], name
+        summary = events[-1]
+        assert summary.prefill_reused and summary.prefill_reused_tokens == shared, name
+        assert forwards[0] == (len(ids) - shared, True), name  # the tail, as a long prefill
+        assert kept.shared_hits == hits + 1, name
+
+
+def test_an_inexact_prefill_reuses_no_shared_head(engine, kept) -> None:
+    """fixed16 is not checked for giving a position the same result whatever rows it runs with,
+    so a prompt prefilled that way reuses only its own kept prefill, never a shared head."""
+    from sampler_core.engine import packed
+
+    kernel = packed.kernel()
+    need(kernel is not None and kernel.prefill_supported() == 1,
+         "this CPU lacks AVX-512 VNNI: no fixed16 prefill")
+    head = prompt(engine)
+    run(engine, head, prefill="fixed16")
+    settings = SampleSettings(max_len=2, stop_at_eos=False, prefill="fixed16")
+    summary = list(engine.start([TokenIdsPart(head + (head[3],))], settings))[-1]
+    assert summary.prefill == "fixed16" and not summary.prefill_reused
+    assert summary.prefill_reused_tokens == 0 and kept.shared_hits == 0
+    again = list(engine.start([TokenIdsPart(head + (head[3],))], settings))[-1]
+    assert again.prefill_reused and again.prefill_reused_tokens == len(head) + 1

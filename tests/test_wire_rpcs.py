@@ -208,7 +208,8 @@ def test_a_run_summary_crosses_the_wire_whole() -> None:
     from sampler_core.wire import convert
 
     for summary in (RunSummary("m", 70, 3, FinishReason.STOP_STRING, stop_match="\n\n",
-                               notes=("a", "b"), prefill="fixed16", prefill_reused=True),
+                               notes=("a", "b"), prefill="fixed16", prefill_reused=True,
+                               prefill_reused_tokens=64),
                     RunSummary("m", 2, 0, FinishReason.EOS)):
         assert convert.summary_from_proto(convert.summary_to_proto(summary)) == summary
 

@@ -151,6 +151,13 @@ def test_store_round_trip_and_code(tmp_path) -> None:
     assert store.load("r3", db).summary.prefill_reused and not back.summary.prefill_reused
     assert views.reuse_tag(reused.summary) == "prefill reused"
     assert views.reuse_tag(summary) == "" and views.reuse_tag(None) == ""
+    head = _run(run_id="r4", summary=replace(summary, num_prompt_tokens=2000,
+                                             prefill_reused=True, prefill_reused_tokens=1980))
+    store.save(head, db)
+    assert store.load("r4", db).summary.prefill_reused_tokens == 1980
+    assert views.reuse_tag(head.summary) == "prefill reused for 1,980 of 2,000 tokens"
+    whole = replace(head.summary, prefill_reused_tokens=2000)
+    assert views.reuse_tag(whole) == "prefill reused"
 
 
 def test_data_dir_from_env(monkeypatch, tmp_path) -> None:

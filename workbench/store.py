@@ -113,7 +113,7 @@ def summary_to_dict(s: RunSummary | None) -> dict[str, Any] | None:
     return {"model_name": s.model_name, "num_prompt_tokens": s.num_prompt_tokens,
             "num_generated_tokens": s.num_generated_tokens, "finish_reason": s.finish_reason.value,
             "stop_match": s.stop_match, "notes": list(s.notes), "prefill": s.prefill,
-            "prefill_reused": s.prefill_reused}
+            "prefill_reused": s.prefill_reused, "prefill_reused_tokens": s.prefill_reused_tokens}
 
 
 def summary_from_dict(d: dict[str, Any] | None) -> RunSummary | None:
@@ -122,7 +122,8 @@ def summary_from_dict(d: dict[str, Any] | None) -> RunSummary | None:
         return None
     return RunSummary(d["model_name"], d["num_prompt_tokens"], d["num_generated_tokens"],
                       FinishReason(d["finish_reason"]), d.get("stop_match"), tuple(d.get("notes", ())),
-                      d.get("prefill", ""), bool(d.get("prefill_reused", False)))
+                      d.get("prefill", ""), bool(d.get("prefill_reused", False)),
+                      int(d.get("prefill_reused_tokens", 0)))
 
 
 def settings_from_dict(d: dict[str, Any]) -> SampleSettings:

@@ -209,9 +209,14 @@ def prefill_tag(summary: RunSummary | None) -> str:
 
 
 def reuse_tag(summary: RunSummary | None) -> str:
-    """A run's label when its prompt's forward was copied from an earlier run of the same
-    prompt (why its first token came at once; else empty)."""
-    return "prefill reused" if summary is not None and summary.prefill_reused else ""
+    """A run's label when some of its prompt's forward was copied from an earlier prefill
+    (why its first token came sooner; else empty): all of it, or its first tokens."""
+    if summary is None or not summary.prefill_reused:
+        return ""
+    part = summary.prefill_reused_tokens
+    if 0 < part < summary.num_prompt_tokens:
+        return f"prefill reused for {part:,} of {summary.num_prompt_tokens:,} tokens"
+    return "prefill reused"
 
 
 def divergence(runs: Sequence[Sequence[int]]) -> int | None:

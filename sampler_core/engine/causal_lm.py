@@ -286,13 +286,14 @@ class CausalLMEngine:
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int], cache: DynamicCache | KVCache, *, all_logits: bool,
                  attention: bool, inputs: dict[str, torch.Tensor] | None = None,
-                 prefill: str | None = None, seat: Seat | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 prefill: str | None = None, seat: Seat | None = None,
+                 as_long_prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run pending tokens through the model; return logits (last or all) and attention rows.
 
         ``inputs`` replaces ``input_ids`` when given (a vision engine's ``inputs_embeds``, or
         ``input_ids`` with ``pixel_values``); ``prefill`` is the plan's mode for a prompt;
-        ``seat`` is the run's at the step batcher, when it holds one.
+        ``seat`` is the run's at the step batcher, when it holds one; ``as_long_prefill`` (the
+        lean runner's) runs a prompt's tail as a long prefill would.
         """
         if isinstance(cache, KVCache):
             embeds = inputs["inputs_embeds"][0] if inputs is not None else None
@@ -306,7 +307,7 @@ class CausalLMEngine:
                     logits, rows = self._fast.forward(
                         torch.tensor(list(ids), device=self.device) if embeds is None else None,
                         cache, inputs_embeds=embeds, all_logits=all_logits, attention=attention,
-                        prefill=prefill)
+                        prefill=prefill, as_long_prefill=as_long_prefill)
             # The vocabulary math and the seeded generator live on the CPU (a no-op there).
             return logits.cpu(), None if rows is None else rows.cpu()
         model_inputs = ({k: v.to(self.device) for k, v in inputs.items()} if inputs is not None
@@ -344,36 +345,55 @@ class CausalLMEngine:
                              prefill=plan.prefill)
 
     def _prefill_or_reuse(self, plan: Plan, cache: DynamicCache | KVCache, *, all_logits: bool,
-                          attention: bool) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """``_prefill``, or a copy of what the same prompt's prefill left before
-        (``prompt_cache.py``): token ids alone, on the lean runner's cache, last logits only.
-        The flag says whether it was a copy."""
+                          attention: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """``_prefill``, or from what earlier prefills kept (``prompt_cache.py``): a copy of the
+        same prompt's, else the positions a kept prompt shares with this one and a prefill of
+        the rest (``_prefill_tail``). Token ids alone, on the lean runner's cache, last logits
+        only. The count says how many positions were copied."""
         kept = self.prompt_cache
         if (kept is None or all_logits or plan.extra is not None
                 or not isinstance(cache, KVCache) or not kept.admits(len(plan.prompt_ids))):
-            return (*self._prefill(plan, cache, all_logits=all_logits, attention=attention), False)
-        # What the prefill computed from: the ids, and how (the mode and, for the benchmarks'
-        # comparisons, which attention and which float32 product).
-        key = (plan.prompt_ids, plan.prefill, self._fast.prefill_attention_kernel,
-               self._fast.onednn_linears)
+            return (*self._prefill(plan, cache, all_logits=all_logits, attention=attention), 0)
+        # How the prefill computed: the mode and, for the benchmarks' comparisons, which
+        # attention and which float32 product.
+        how = (plan.prefill, self._fast.prefill_attention_kernel, self._fast.onednn_linears)
+        key = (plan.prompt_ids, how)
         length = len(plan.prompt_ids)
         entry = kept.lookup(key, attention)
         if entry is None:
             with kept.prefilling(key) as mine:  # runs of one new prompt prefill it once
                 entry = None if mine else kept.lookup(key, attention)
                 if entry is None:
-                    logits, rows = self._prefill(plan, cache, all_logits=False,
-                                                 attention=attention)
+                    logits, rows, shared = self._prefill_tail(plan, cache, how, attention)
                     kept.keep(key, KeptPrefill(cache.keys[:, :, :length].clone(),
                                                cache.values[:, :, :length].clone(),
                                                logits.clone(),
                                                None if rows is None else rows.clone()))
-                    return logits, rows, False
+                    return logits, rows, shared
         cache.keys[:, :, :length].copy_(entry.keys)
         cache.values[:, :, :length].copy_(entry.values)
         cache.length = length
         rows = entry.rows.clone() if attention and entry.rows is not None else None
-        return entry.logits.clone(), rows, True
+        return entry.logits.clone(), rows, length
+
+    def _prefill_tail(self, plan: Plan, cache: KVCache, how: tuple[Any, ...], attention: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The prompt's prefill from the first position no kept prompt shares with it, where
+        the runner computes that tail bit for bit as a prefill of the whole prompt would
+        (``FastLlama.tails_match_whole_prefills``; a tail of at least 2 positions); else all of
+        it. Returns the logits, the attention rows and how many positions were copied."""
+        ids = plan.prompt_ids
+        found = (self.prompt_cache.longest_shared(ids, how, limit=len(ids) - 2)
+                 if self._fast.tails_match_whole_prefills(plan.prefill) else None)
+        if found is None:
+            return (*self._prefill(plan, cache, all_logits=False, attention=attention), 0)
+        entry, shared = found
+        cache.keys[:, :, :shared].copy_(entry.keys[:, :, :shared])
+        cache.values[:, :, :shared].copy_(entry.values[:, :, :shared])
+        cache.length = shared
+        logits, rows = self._forward(ids[shared:], cache, all_logits=False, attention=attention,
+                                     prefill=plan.prefill, as_long_prefill=True)
+        return logits, rows, shared
 
     def _token(self, token_id: int, logits: torch.Tensor, processed: torch.Tensor | None,
                settings: SampleSettings, position: int, token_type: TokenType,
@@ -474,7 +494,7 @@ class CausalLMEngine:
         yield RunSummary(model_name=self.name, num_prompt_tokens=len(plan.prompt_ids),
                          num_generated_tokens=len(generated), finish_reason=finish,
                          stop_match=match, notes=plan.notes, prefill=plan.prefill,
-                         prefill_reused=reused)
+                         prefill_reused=reused > 0, prefill_reused_tokens=reused)
 
     def _stop_string(self, generated: list[int], stop_strings: tuple[str, ...]) -> str | None:
         """The first stop string the generated text now contains, if any."""

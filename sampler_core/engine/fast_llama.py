@@ -213,6 +213,16 @@ class FastLlama:
         product = onednn_linear() if self.onednn_linears else None
         return F.linear if product is None else product
 
+    def tails_match_whole_prefills(self, mode: str) -> bool:
+        """Whether a prompt's tail run with ``as_long_prefill`` after positions kept from an
+        earlier long prefill of its head (in ``mode``) computes bit for bit what a long
+        prefill of the whole prompt would: true where every step of a long prefill gives each
+        position the same result whatever rows it runs with (oneDNN's product past one row,
+        the kernel's attention, which walks keys in steps fixed by position, row-wise norms),
+        in float32 (the inexact modes are not checked for it)."""
+        return (self.packed is not None and self._prefill_attention and self.onednn_linears
+                and mode == "float32")
+
     @property
     def prefill_attention_kernel(self) -> bool:
         """Whether long prefills' attention runs in the kernel now (else torch's)."""
@@ -283,14 +293,19 @@ class FastLlama:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | None, cache: KVCache, *,
                 inputs_embeds: torch.Tensor | None = None, all_logits: bool = False,
-                attention: bool = False, prefill: str | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention: bool = False, prefill: str | None = None,
+                as_long_prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``T`` new positions (ids ``[T]`` or embeddings ``[T, hidden]``); ``prefill``
-        overrides ``prefill_mode`` for this call (checked by ``check_prefill``).
+        overrides ``prefill_mode`` for this call (checked by ``check_prefill``);
+        ``as_long_prefill`` runs even a few positions (at least 2) the way a long prefill runs
+        (see ``tails_match_whole_prefills``).
 
         Returns logits (``[T, vocab]`` or ``[1, vocab]``) and, when asked, the attention of the
         last position: ``[layer, head, context]``.
         """
+        if as_long_prefill and not (self.packed is not None and len(
+                input_ids if inputs_embeds is None else inputs_embeds) >= 2):
+            raise ValueError("as_long_prefill needs packed weights and at least 2 positions")
         if self.cuda_graphs and inputs_embeds is None and input_ids.shape[0] == 1:
             return self._decode_graphed(input_ids, cache, attention)
         x = self.embed[input_ids] if inputs_embeds is None else inputs_embeds.float()
@@ -302,14 +317,15 @@ class FastLlama:
             return self._decode_packed(cache, rows, x=x), rows
         cos, sin = self._rotary(start, end)  # [T, head_dim]
         # Inexact modes apply to long prefills only; short ones read the packed blocks exactly.
-        mode = (prefill or self.prefill_mode) if steps > PACKED_MAX_STEPS else "float32"
+        long = steps > PACKED_MAX_STEPS or as_long_prefill
+        mode = (prefill or self.prefill_mode) if long else "float32"
         dense = self.dense_product
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
             # Past the last layer's keys and values only the last position is read (unless
             # every position's logits are): the rest of that layer runs on its row alone.
             last_row_only = index == self.num_layers - 1 and steps > 1 and not all_logits
             if self.packed is not None:
-                w_qkv, w_o, w_gate_up, w_down = self._packed_weights(index, steps, mode,
+                w_qkv, w_o, w_gate_up, w_down = self._packed_weights(index, long, mode,
                                                                      last_row_only)
             # Attention block: q/k/v, rotary, cache write, attention (and the last row's weights).
             qkv = _linear(self._norm(x, w_in), w_qkv, dense)
@@ -339,16 +355,17 @@ class FastLlama:
                 else self.lm_head)
         return _linear(hidden, head, dense), rows
 
-    def _packed_weights(self, layer: int, steps: int, mode: str, last_row_only: bool
+    def _packed_weights(self, layer: int, long: bool, mode: str, last_row_only: bool
                         ) -> list[Any]:
-        """What layer ``layer``'s four linears multiply by in a forward of ``steps`` positions
-        (with ``last_row_only``, all but q/k/v take the last position's row alone).
+        """What layer ``layer``'s four linears multiply by in a forward (with
+        ``last_row_only``, all but q/k/v take the last position's row alone).
 
-        Few rows: the packed blocks, which the kernel reads. Many: compute-bound, so BLAS on
-        the layer's weights rebuilt in float32 (bit for bit the same, reusing one layer's
-        buffers), or, for an inexact ``mode``, fixed-point activations on VNNI."""
+        Few rows: the packed blocks, which the kernel reads. Many (``long``): compute-bound, so
+        a float32 product on the layer's weights rebuilt in float32 (bit for bit the same,
+        reusing one layer's buffers), or, for an inexact ``mode``, fixed-point activations on
+        VNNI."""
         parts = list(self.packed.layers[layer])
-        if steps <= PACKED_MAX_STEPS:
+        if not long:
             return parts
         wide, one_row = (parts[:1], parts[1:]) if last_row_only else (parts, [])
         rebuilt = ([partial(p.prefill, bits=FIXED_BITS[mode]) for p in wide]

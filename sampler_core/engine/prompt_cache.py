@@ -7,10 +7,12 @@ seed; the playground runs it again after each change of settings), and for a lon
 prefill is most of the wait: ~4 s for 2,000 tokens on a 2-core CPU, against ~7 ms a token
 after it.
 
-Exact matches only. A prompt that merely starts like a kept one is prefilled in full: its
-shared positions would come out the same, but the rest, prefilled as a second pass, rounds
-differently from one pass (BLAS blocks its products by row count), and a seeded run must not
-depend on what ran before it.
+A prompt that starts like a kept one (the same first tokens, the same way of prefilling)
+reuses the positions they share and prefills only its own tail, where the engine can run that
+tail bit for bit as a prefill of the whole prompt would (``FastLlama.tails_match_whole_prefills``:
+float32, where each step of a long prefill gives a position the same result whatever rows it
+runs with): a seeded run never depends on what ran before it. Editing the end of a long
+few-shot prompt then costs a prefill of the edit, not of the prompt.
 
 An entry keeps the prompt's positions of the keys and values (float32: 46 KB a token for
 SmolLM2-135M, ~92 MB for 2,000 tokens), the last position's logits and, when the run asked
@@ -31,7 +33,7 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Hashable, Iterator
+from typing import Hashable, Iterator, Sequence
 
 import torch
 
@@ -75,9 +77,19 @@ class KeptPrefill:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens ``a`` and ``b`` have in common."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class PromptCache:
-    """Kept prefills by key (the engine's: prompt ids and prefill mode), least recently used
-    first out within ``max_bytes``. Safe to share between threads."""
+    """Kept prefills by key, least recently used first out within ``max_bytes``. Safe to share
+    between threads. The engine's keys are ``(prompt token ids, how it prefilled)``, which
+    ``longest_shared`` relies on."""
 
     def __init__(self, max_bytes: int, min_tokens: int = MIN_TOKENS) -> None:
         if max_bytes < 0:
@@ -85,7 +97,7 @@ class PromptCache:
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
         self.max_bytes, self.min_tokens = max_bytes, min_tokens
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.shared_hits = 0
         self._entries: OrderedDict[Hashable, KeptPrefill] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -123,6 +135,25 @@ class PromptCache:
             self._entries.move_to_end(key)
             self.hits += 1
             return entry
+
+    def longest_shared(self, ids: Sequence[int], how: Hashable, limit: int
+                       ) -> tuple[KeptPrefill, int] | None:
+        """The entry kept under ``(kept ids, how)`` whose ids share the most first tokens with
+        ``ids``, and how many (at most ``limit``, at least ``min_tokens``: fewer are not worth a
+        copy), now the most recently used; None when no entry shares that many."""
+        best: tuple[Hashable, KeptPrefill, int] | None = None
+        with self._lock:
+            for key, entry in self._entries.items():
+                if not (isinstance(key, tuple) and len(key) == 2 and key[1] == how):
+                    continue
+                shared = min(shared_length(key[0], ids), limit)
+                if shared >= self.min_tokens and (best is None or shared > best[2]):
+                    best = (key, entry, shared)
+            if best is None:
+                return None
+            self._entries.move_to_end(best[0])
+            self.shared_hits += 1
+            return best[1], best[2]
 
     @contextmanager
     def prefilling(self, key: Hashable) -> Iterator[bool]:

@@ -270,7 +270,8 @@ def summary_to_proto(summary: RunSummary) -> pb.RunSummary:
     msg = pb.RunSummary(model_name=summary.model_name, num_prompt_tokens=summary.num_prompt_tokens,
                         num_generated_tokens=summary.num_generated_tokens,
                         finish_reason=summary.finish_reason.value, notes=summary.notes,
-                        prefill=summary.prefill, prefill_reused=summary.prefill_reused)
+                        prefill=summary.prefill, prefill_reused=summary.prefill_reused,
+                        prefill_reused_tokens=summary.prefill_reused_tokens)
     if summary.stop_match is not None:
         msg.stop_match = summary.stop_match
     return msg
@@ -285,7 +286,8 @@ def summary_from_proto(msg: pb.RunSummary) -> RunSummary:
     return RunSummary(model_name=msg.model_name, num_prompt_tokens=msg.num_prompt_tokens,
                       num_generated_tokens=msg.num_generated_tokens, finish_reason=finish,
                       stop_match=_opt(msg, "stop_match"), notes=tuple(msg.notes),
-                      prefill=msg.prefill, prefill_reused=msg.prefill_reused)
+                      prefill=msg.prefill, prefill_reused=msg.prefill_reused,
+                      prefill_reused_tokens=msg.prefill_reused_tokens)
 
 
 def budget_to_proto(budget: TokenBudget) -> pb.TokenBudget:

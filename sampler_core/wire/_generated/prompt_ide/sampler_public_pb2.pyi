@@ -153,7 +153,7 @@ class AttentionTensor(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RunSummary(_message.Message):
-    __slots__ = ("model_name", "num_prompt_tokens", "num_generated_tokens", "finish_reason", "stop_match", "notes", "prefill", "prefill_reused")
+    __slots__ = ("model_name", "num_prompt_tokens", "num_generated_tokens", "finish_reason", "stop_match", "notes", "prefill", "prefill_reused", "prefill_reused_tokens")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class RunSummary(_message.Message):
     NOTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     PREFILL_REUSED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     num_prompt_tokens: int
     num_generated_tokens: int
@@ -170,7 +171,8 @@ class RunSummary(_message.Message):
     notes: _containers.RepeatedScalarFieldContainer[str]
     prefill: str
     prefill_reused: bool
-    def __init__(self, model_name: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., stop_match: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., prefill: _Optional[str] = ..., prefill_reused: _Optional[bool] = ...) -> None: ...
+    prefill_reused_tokens: int
+    def __init__(self, model_name: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., stop_match: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., prefill: _Optional[str] = ..., prefill_reused: _Optional[bool] = ..., prefill_reused_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "model_name")
