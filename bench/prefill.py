@@ -20,6 +20,7 @@ import sys
 
 from decode import prompt_ids, time_engine, time_generate
 from sampler_core.engine import get_engine
+from sampler_core.engine.fast_llama import onednn_linear
 
 #: (kernel attention, linears' mode, oneDNN's float32 product) for each way the engine can
 #: prefill.
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         del ways["kernel_attention_fixed16"]  # no AVX-512 VNNI here
     if not (runner._kernel.prefill_supported() and runner._kernel.prefill_attention_bf16_supported()):
         del ways["fast"]
-    if not runner.onednn_linears:
+    if onednn_linear() is None:
         del ways["kernel_attention_onednn"]  # this torch lacks oneDNN's product
     ids = prompt_ids(engine, args.prompt_tokens)
     time_engine(engine, ids[:300], 2)  # warm-up

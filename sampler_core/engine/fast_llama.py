@@ -176,9 +176,11 @@ class FastLlama:
         self.prefill_mode = "float32"
         #: Whether prefill attention runs in the kernel (float32, ~1.3x torch's fused one).
         self._prefill_attention = False
-        #: Whether float32 weights on the CPU multiply through oneDNN (``onednn_linear``)
-        #: rather than ``F.linear``; the benches switch it to compare.
-        self.onednn_linears = self.embed.device.type == "cpu" and onednn_linear() is not None
+        #: Whether float32 weights on the CPU multiply through oneDNN (``onednn_linear``,
+        #: where this torch has it) rather than ``F.linear``; the benches switch it to compare.
+        #: Looked up at the first use, not here: oneDNN's first call costs ~3.5 MB of resident
+        #: memory, which a server that only ever sees short prompts need not pay.
+        self.onednn_linears = self.embed.device.type == "cpu"
         if self.packed is not None:
             # An inexact mode when asked for and this CPU runs it; else exact float32.
             try:
@@ -213,6 +215,11 @@ class FastLlama:
         product = onednn_linear() if self.onednn_linears else None
         return F.linear if product is None else product
 
+    def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # The product chosen when a float32 weight is multiplied, not before (see
+        # ``onednn_linears``).
+        return self.dense_product(x, weight)
+
     def tails_match_whole_prefills(self, mode: str) -> bool:
         """Whether a prompt's tail run with ``as_long_prefill`` after positions kept from an
         earlier long prefill of its head (in ``mode``) computes bit for bit what a long
@@ -220,8 +227,8 @@ class FastLlama:
         position the same result whatever rows it runs with (oneDNN's product past one row,
         the kernel's attention, which walks keys in steps fixed by position, row-wise norms),
         in float32 (the inexact modes are not checked for it)."""
-        return (self.packed is not None and self._prefill_attention and self.onednn_linears
-                and mode == "float32")
+        return (self.packed is not None and self._prefill_attention and mode == "float32"
+                and self.onednn_linears and onednn_linear() is not None)
 
     @property
     def prefill_attention_kernel(self) -> bool:
@@ -319,7 +326,7 @@ class FastLlama:
         # Inexact modes apply to long prefills only; short ones read the packed blocks exactly.
         long = steps > PACKED_MAX_STEPS or as_long_prefill
         mode = (prefill or self.prefill_mode) if long else "float32"
-        dense = self.dense_product
+        dense = self._dense
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
             # Past the last layer's keys and values only the last position is read (unless
             # every position's logits are): the rest of that layer runs on its row alone.
