@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) bench/prefill.py
 	$(PY) bench/load.py
 	$(PY) bench/seeds.py
+	$(PY) bench/stall.py
 	$(PY) bench/step.py
 
 protos: $(STAMP)

@@ -211,3 +211,62 @@ def test_concurrent_runs_meet_and_each_equals_itself_alone(engine) -> None:
     assert together == alone
     assert batcher.steps - steps == 3 * 23  # every decode step went through the batcher
     assert batcher.batches - batches < 3 * 23  # and some met
+
+
+
+def test_a_long_prompt_prefills_in_pieces_while_another_run_decodes(engine, monkeypatch) -> None:
+    """While a run decodes, a long prompt's prefill takes the step lock a piece at a time: the
+    decoding run's steps go on between the pieces, and the prompt's run equals itself alone
+    (where it prefills in one pass)."""
+    from sampler_core.engine import causal_lm
+
+    monkeypatch.setattr(causal_lm, "PREFILL_PIECE", 100)
+    text = "The harbour master kept a careful record of every ship, its cargo and its crew. "
+    long_ids = tuple(engine.encode(text * 30)[:330])
+    short_ids = tuple(engine.encode("Tide tables for the week:"))
+    settings = SampleSettings(max_len=6, temperature=1.0, rng_seed=5, top_k=3,
+                              return_attention=True, stop_at_eos=False)
+
+    def figures() -> list[tuple]:
+        return [(t.token_id, t.prob, t.logprob, t.entropy, t.attn_weights,
+                 tuple((k.token_id, k.prob) for k in t.top_k))
+                for t in engine.start([TokenIdsPart(long_ids)], settings) if isinstance(t, Token)]
+
+    events: list[str] = []  # in order: "prefill <positions>" and "step"
+    forward, decode_many = engine._fast.forward, engine._batcher._run_batch
+
+    def recorded_forward(input_ids, cache, **kwargs):
+        events.append(f"prefill {int(input_ids.shape[0])}")
+        return forward(input_ids, cache, **kwargs)
+
+    def recorded_steps(steps):
+        events.append("step")
+        return decode_many(steps)
+
+    started = threading.Event()
+
+    def decode_meanwhile() -> None:
+        s = SampleSettings(max_len=400, temperature=1.0, rng_seed=1, stop_at_eos=False)
+        for event in engine.start([TokenIdsPart(short_ids)], s):
+            if isinstance(event, Token):
+                started.set()
+
+    monkeypatch.setattr(engine._fast, "forward", recorded_forward)
+    monkeypatch.setattr(engine._batcher, "_run_batch", recorded_steps)
+    budget = engine.prompt_cache.max_bytes
+    engine.prompt_cache.resize(0)  # the long run must compute its prompt both times
+    try:
+        alone = figures()
+        assert events[0] == "prefill 330"  # nobody decoding: one pass
+        events.clear()
+        decoder = threading.Thread(target=decode_meanwhile)
+        decoder.start()
+        assert started.wait(JOIN_S)
+        together = figures()
+        decoder.join(JOIN_S)
+    finally:
+        engine.prompt_cache.resize(budget)
+    assert together == alone
+    at = [i for i, e in enumerate(events) if e in ("prefill 100", "prefill 30")]
+    assert [events[i] for i in at] == ["prefill 100"] * 3 + ["prefill 30"]
+    assert all("step" in events[a + 1:b] for a, b in zip(at, at[1:]))

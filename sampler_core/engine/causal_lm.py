@@ -32,6 +32,11 @@ from sampler_core.tokens import AttentionDetail, FinishReason, RunSummary, Token
 
 #: The SentencePiece word-start marker the xAI SDK's ``augment_tokens`` prepends.
 SENTENCEPIECE_MARKER = "\u2581"
+#: While other runs decode, a long prompt prefills this many positions at a turn (~1 s here),
+#: so their next tokens wait for a piece, not for the whole prompt. Each piece costs a pass
+#: more over the layers' weights and earlier keys: a 2,000-token prefill took 17% longer in
+#: pieces of 512, 39% in pieces of 256 (bench/stall.py gives the trade).
+PREFILL_PIECE = 512
 
 
 @dataclass(frozen=True)
@@ -341,8 +346,36 @@ class CausalLMEngine:
     def _prefill(self, plan: Plan, cache: DynamicCache | KVCache, *, all_logits: bool,
                  attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompt's forward pass (a vision engine splices its images in here)."""
+        if (isinstance(cache, KVCache) and not all_logits
+                and len(plan.prompt_ids) > PACKED_MAX_STEPS and self._exact_pieces(plan)):
+            return self._prefill_from(plan, cache, 0, attention=attention)
         return self._forward(plan.prompt_ids, cache, all_logits=all_logits, attention=attention,
                              prefill=plan.prefill)
+
+    def _exact_pieces(self, plan: Plan) -> bool:
+        """Whether this plan's prompt can run in pieces that give bit for bit one pass."""
+        return self._fast is not None and self._fast.tails_match_whole_prefills(plan.prefill)
+
+    def _prefill_from(self, plan: Plan, cache: KVCache, start: int, *, attention: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's positions from ``start`` on (the cache holds those before), last
+        logits only, each piece run as a long prefill of the whole prompt runs it (so bit for
+        bit one pass: ``_exact_pieces``, at least 2 positions a piece). While other runs are
+        decoding, a long prompt runs in pieces of ``PREFILL_PIECE`` positions, each a turn at
+        the step lock, so their steps go on between the pieces instead of stalling for all of
+        it (~3.5 s for 2,000 tokens here); alone, in one piece (pieces cost time)."""
+        ids = plan.prompt_ids
+        step = (PREFILL_PIECE if self._batcher is not None and self._batcher.seated > 0
+                else len(ids))
+        bounds = list(range(start, len(ids), step))
+        if len(ids) - bounds[-1] < 2 and len(bounds) > 1:
+            bounds.pop()  # the last piece takes the stray position
+        ends = bounds[1:] + [len(ids)]
+        for first, end in zip(bounds, ends):
+            logits, rows = self._forward(ids[first:end], cache, all_logits=False,
+                                         attention=attention and end == len(ids),
+                                         prefill=plan.prefill, as_long_prefill=True)
+        return logits, rows
 
     def _prefill_or_reuse(self, plan: Plan, cache: DynamicCache | KVCache, *, all_logits: bool,
                           attention: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -384,16 +417,14 @@ class CausalLMEngine:
         it. Returns the logits, the attention rows and how many positions were copied."""
         ids = plan.prompt_ids
         found = (self.prompt_cache.longest_shared(ids, how, limit=len(ids) - 2)
-                 if self._fast.tails_match_whole_prefills(plan.prefill) else None)
+                 if self._exact_pieces(plan) else None)
         if found is None:
             return (*self._prefill(plan, cache, all_logits=False, attention=attention), 0)
         entry, shared = found
         cache.keys[:, :, :shared].copy_(entry.keys[:, :, :shared])
         cache.values[:, :, :shared].copy_(entry.values[:, :, :shared])
         cache.length = shared
-        logits, rows = self._forward(ids[shared:], cache, all_logits=False, attention=attention,
-                                     prefill=plan.prefill, as_long_prefill=True)
-        return logits, rows, shared
+        return (*self._prefill_from(plan, cache, shared, attention=attention), shared)
 
     def _token(self, token_id: int, logits: torch.Tensor, processed: torch.Tensor | None,
                settings: SampleSettings, position: int, token_type: TokenType,

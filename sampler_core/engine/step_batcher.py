@@ -77,6 +77,12 @@ class StepBatcher(Generic[Item, Result]):
         #: How many batches ran, and how many steps they held (for tests and benchmarks).
         self.batches = self.steps = 0
 
+    @property
+    def seated(self) -> int:
+        """How many runs are decoding now (between their prefill and their end)."""
+        with self._cond:
+            return len(self._seats)
+
     @contextmanager
     def decoding(self) -> Iterator[Seat]:
         """A seat for the calling run for the body's duration: pass it to ``step``."""
