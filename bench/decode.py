@@ -54,6 +54,14 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "changed how books were made, sold and read across Europe. ")
 
 
+def cold_engine() -> Any:
+    """The default engine with kept prefills off: every run prefills its own prompt."""
+    engine = get_engine("")
+    if engine.prompt_cache is not None:
+        engine.prompt_cache.resize(0)
+    return engine
+
+
 def prompt_ids(engine: Any, n: int) -> list[int]:
     """Exactly ``n`` token ids of ordinary English text."""
     ids: list[int] = []

@@ -18,8 +18,7 @@ import json
 import statistics
 import sys
 
-from decode import prompt_ids, time_engine, time_generate
-from sampler_core.engine import get_engine
+from decode import cold_engine, prompt_ids, time_engine, time_generate
 from sampler_core.engine.fast_llama import onednn_linear
 
 #: (kernel attention, linears' mode, oneDNN's float32 product) for each way the engine can
@@ -37,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
 
-    engine = get_engine("")
-    if engine.prompt_cache is not None:
-        engine.prompt_cache.resize(0)  # each rep prefills its prompt
+    engine = cold_engine()  # each rep prefills its prompt
     runner = engine._fast
     if runner is None or runner.packed is None:
         raise SystemExit("the engine is not on its packed path (no kernel?): nothing to compare")

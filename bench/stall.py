@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from decode import prompt_ids  # noqa: E402
-from sampler_core.engine import causal_lm, get_engine  # noqa: E402
+from decode import cold_engine, prompt_ids  # noqa: E402
+from sampler_core.engine import causal_lm  # noqa: E402
 from sampler_core.inputs import TokenIdsPart  # noqa: E402
 from sampler_core.settings import SampleSettings  # noqa: E402
 from sampler_core.tokens import Token  # noqa: E402
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
-    engine = get_engine("")
-    if engine.prompt_cache is not None:
-        engine.prompt_cache.resize(0)
+    engine = cold_engine()
     long_ids = prompt_ids(engine, args.prompt_tokens)
     ways = {"pieces": causal_lm.PREFILL_PIECE, "one_pass": args.prompt_tokens + 1}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
