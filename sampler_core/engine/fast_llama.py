@@ -14,13 +14,14 @@ With packed weights (``packed.py``: a GGUF model's own Q4_1/Q8_0 blocks, bit for
 float32 weights) a decode step is one C call for the whole model (per layer: norm, q/k/v,
 rotary, cache write, attention with its weights, MLP; then the final norm and the output head)
 reading 97 MB instead of 538 (and up to four concurrent runs' steps are one call,
-``decode_many``); short prefills use the packed matmul, long ones a float32 product (oneDNN's,
-see ``onednn_linear``) on one layer's weights rebuilt at a time (or, opted into with ``PROMPT_IDE_PREFILL=fixed16`` or
-``fast``, 16- or 8-bit fixed-point activations on VNNI, and for ``fast`` bfloat16 attention
-products: faster, not exact), and prefill attention is a float32
-C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The model's float32 layer
-weights are then never read by the engine (nor fused), so they stay unloaded pages of the
-mapped safetensors file: the server's resident memory drops rather than grows.
+``decode_many``); short prefills use the packed matmul, long ones a float32 product
+(oneDNN's, see ``onednn_linear``) on one layer's weights rebuilt at a time (or, opted into
+with ``PROMPT_IDE_PREFILL=fixed16`` or ``fast``, 16- or 8-bit fixed-point activations on
+VNNI, and for ``fast`` bfloat16 attention products: faster, not exact), and prefill
+attention is a float32 C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The
+model's float32 layer weights are then never read by the engine (nor fused), so they stay
+unloaded pages of the mapped safetensors file: the server's resident memory drops rather than
+grows.
 
 On a GPU the weights are the float32 tensors and each run's decode steps replay one captured
 CUDA graph (``graphed_decode.py``): a single launch instead of ~1,000 kernel launches a token.
@@ -45,7 +46,7 @@ from sampler_core.engine.graphed_decode import StaticDecode
 from sampler_core.engine.packed import PackedLinear, PackedLlama
 
 #: Up to this many new positions a forward reads the packed weights; a longer prefill is
-#: compute-bound and runs through BLAS on float32 weights rebuilt from the blocks per layer.
+#: compute-bound and runs a float32 product on weights rebuilt from the blocks per layer.
 PACKED_MAX_STEPS = 32
 #: The activations' bits in each fixed-point prefill mode.
 FIXED_BITS = {"fixed16": 16, "fast": 8}

@@ -9,10 +9,11 @@ after it.
 
 A prompt that starts like a kept one (the same first tokens, the same way of prefilling)
 reuses the positions they share and prefills only its own tail, where the engine can run that
-tail bit for bit as a prefill of the whole prompt would (``FastLlama.tails_match_whole_prefills``:
-float32, where each step of a long prefill gives a position the same result whatever rows it
-runs with): a seeded run never depends on what ran before it. Editing the end of a long
-few-shot prompt then costs a prefill of the edit, not of the prompt.
+tail bit for bit as a prefill of the whole prompt would
+(``FastLlama.tails_match_whole_prefills``: float32, where each step of a long prefill gives a
+position the same result whatever rows it runs with): a seeded run never depends on what ran
+before it. Editing the end of a long few-shot prompt then costs a prefill of the edit, not of
+the prompt.
 
 An entry keeps the prompt's positions of the keys and values (float32: 46 KB a token for
 SmolLM2-135M, ~92 MB for 2,000 tokens), the last position's logits and, when the run asked
