@@ -292,19 +292,34 @@ def test_a_prompt_sharing_a_kept_head_prefills_only_its_tail_exactly(engine, kep
         assert kept.shared_hits == hits + 1, name
 
 
-def test_an_inexact_prefill_reuses_no_shared_head(engine, kept) -> None:
-    """fixed16 is not checked for giving a position the same result whatever rows it runs with,
-    so a prompt prefilled that way reuses only its own kept prefill, never a shared head."""
+
+@pytest.mark.parametrize("mode", ["fixed16", "fast"])
+def test_an_inexact_prefill_reuses_a_shared_head_of_its_own_mode_exactly(engine, kept,
+                                                                         mode) -> None:
+    """In an inexact mode too, a tail after a kept head of the same mode equals that mode's
+    cold run bit for bit; a head kept in another mode is not used."""
     from sampler_core.engine import packed
 
     kernel = packed.kernel()
-    need(kernel is not None and kernel.prefill_supported() == 1,
-         "this CPU lacks AVX-512 VNNI: no fixed16 prefill")
+    need(kernel is not None and kernel.prefill_supported() == 1
+         and kernel.prefill_attention_bf16_supported() == 1,
+         "this CPU lacks AVX-512 VNNI or BF16: no inexact prefill")
     head = prompt(engine)
-    run(engine, head, prefill="fixed16")
-    settings = SampleSettings(max_len=2, stop_at_eos=False, prefill="fixed16")
-    summary = list(engine.start([TokenIdsPart(head + (head[3],))], settings))[-1]
-    assert summary.prefill == "fixed16" and not summary.prefill_reused
-    assert summary.prefill_reused_tokens == 0 and kept.shared_hits == 0
-    again = list(engine.start([TokenIdsPart(head + (head[3],))], settings))[-1]
-    assert again.prefill_reused and again.prefill_reused_tokens == len(head) + 1
+    edited = head[:50] + tuple(engine.encode(" but the rain came down hard on the mill roof"))
+    kept.resize(0)
+    cold = run(engine, edited, rng_seed=6, prefill=mode, return_attention=True)
+    kept.resize(10**9)
+    run(engine, head, rng_seed=6)  # kept in float32: another way, not used
+    assert run(engine, edited, rng_seed=6, prefill=mode, return_attention=True) == cold
+    assert kept.shared_hits == 0
+    kept.resize(0)
+    kept.resize(10**9)
+    run(engine, head, rng_seed=6, prefill=mode)  # kept in this mode
+    settings = SampleSettings(max_len=8, temperature=1.0, nucleus_p=0.95, top_k=5,
+                              stop_at_eos=False, rng_seed=6, prefill=mode, return_attention=True)
+    events = list(engine.start([TokenIdsPart(edited)], settings))
+    assert [(t.token_id, t.prob, t.raw_prob, t.logprob, t.entropy, t.rank, t.attn_weights,
+             tuple((k.token_id, k.prob, k.logprob) for k in t.top_k))
+            for t in events if isinstance(t, Token)] == cold
+    assert events[-1].prefill == mode and events[-1].prefill_reused_tokens == 50
+    assert kept.shared_hits == 1

@@ -225,11 +225,14 @@ class FastLlama:
         """Whether a prompt's tail run with ``as_long_prefill`` after positions kept from an
         earlier long prefill of its head (in ``mode``) computes bit for bit what a long
         prefill of the whole prompt would: true where every step of a long prefill gives each
-        position the same result whatever rows it runs with (oneDNN's product past one row,
-        the kernel's attention, which walks keys in steps fixed by position, row-wise norms),
-        in float32 (the inexact modes are not checked for it)."""
-        return (self.packed is not None and self._prefill_attention and mode == "float32"
-                and self.onednn_linears and onednn_linear() is not None)
+        position the same result whatever rows it runs with. The kernel's attention walks
+        keys in steps fixed by position and the norms are row-wise; the linears are oneDNN's
+        product past one row in float32, and in the inexact modes fixed-point rows, each
+        rounded on its own (all three modes tested)."""
+        if self.packed is None or not self._prefill_attention:
+            return False
+        return mode in FIXED_BITS or (mode == "float32" and self.onednn_linears
+                                      and onednn_linear() is not None)
 
     @property
     def prefill_attention_kernel(self) -> bool:

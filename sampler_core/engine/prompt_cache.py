@@ -10,7 +10,7 @@ after it.
 A prompt that starts like a kept one (the same first tokens, the same way of prefilling)
 reuses the positions they share and prefills only its own tail, where the engine can run that
 tail bit for bit as a prefill of the whole prompt would
-(``FastLlama.tails_match_whole_prefills``: float32, where each step of a long prefill gives a
+(``FastLlama.tails_match_whole_prefills``: where each step of a long prefill gives a
 position the same result whatever rows it runs with): a seeded run never depends on what ran
 before it. Editing the end of a long few-shot prompt then costs a prefill of the edit, not of
 the prompt.
