@@ -10,7 +10,7 @@ comparison). The last line is one JSON object.
 
     git worktree add /tmp/base <commit>
     python bench/ab.py /tmp/base [--reps 12] [--prompt-tokens 200] [--new-tokens 128]
-                                 [--in-thread]
+                                 [--in-thread] [--prefill float32|fixed16|fast]
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--in-thread", action="store_true",
                         help="run each timed run on a worker thread, as the server does")
+    parser.add_argument("--prefill", help="the runs' prefill mode (default: the engine's)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -108,14 +109,15 @@ def main() -> None:
             for name, settings in CONFIGS.items():
                 order = ("this", "other") if rep % 2 == 0 else ("other", "this")
                 for side in order:
-                    results[(side, name)].append(_timed_run(sides[side], settings))
+                    asked = settings | ({"prefill": args.prefill} if args.prefill else {})
+                    results[(side, name)].append(_timed_run(sides[side], asked))
     finally:
         for process in sides.values():
             if process.stdin is not None:
                 process.stdin.close()
             process.wait()
     report = {"other": str(args.other), "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "reps": args.reps}
+              "new_tokens": args.new_tokens, "reps": args.reps, "prefill": args.prefill}
     for name in CONFIGS:
         this, other = results[("this", name)], results[("other", name)]
         entry: dict[str, float] = {}

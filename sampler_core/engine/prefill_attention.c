@@ -148,32 +148,34 @@ BF16 static inline __attribute__((always_inline)) void query_rows(
                     for (int c = 0; c < KEY_STEP / 16; c++) s[r][c] = _mm512_fmadd_ps(qd, keys[c], s[r][c]);
                 }
             }
-        /* Mask keys past each row's position; update its maximum, sum and output scale. */
+        /* Mask keys past each row's position; update its maximum, sum and output scale. The
+         * scale is applied inside the exponential's argument (fmsub): for a power of two it
+         * is exact, so this equals scaling the scores first. */
+        const __m512 scale = _mm512_set1_ps(j->scale);
         for (int r = 0; r < R; r++) {
             const int sees = j->start + i0 + r + 1; /* keys 0 .. sees - 1 */
-            float step_top = -INFINITY;
             __mmask16 valid[KEY_STEP / 16];
+            __m512 most = _mm512_set1_ps(-INFINITY);
             for (int c = 0; c < KEY_STEP / 16; c++) {
                 const int first = k0 + 16 * c;
                 valid[c] = first >= sees ? 0 : lanes_before(first, sees);
-                s[r][c] = _mm512_mul_ps(s[r][c], _mm512_set1_ps(j->scale));
-                if (valid[c]) {
-                    const float m = _mm512_mask_reduce_max_ps(valid[c], s[r][c]);
-                    step_top = m > step_top ? m : step_top;
-                }
+                most = _mm512_mask_max_ps(most, valid[c], most, s[r][c]);
             }
-            if (step_top == -INFINITY) { /* nothing to see in this step (a later row's keys) */
+            if (!valid[0]) { /* nothing to see in this step (a later row's keys) */
                 for (int c = 0; c < KEY_STEP / 16; c++) _mm512_storeu_ps(p[r] + 16 * c, _mm512_setzero_ps());
                 if (USE_BF16)
                     for (int c = 0; c < KEY_STEP / 16; c++)
                         _mm256_storeu_si256((__m256i*)(p16[r] + 16 * c), _mm256_setzero_si256());
                 continue;
             }
+            const float step_top = _mm512_reduce_max_ps(most) * j->scale;
             const float new_top = step_top > top[r] ? step_top : top[r];
-            const float rescale = expf(top[r] - new_top); /* 0 on the first step */
+            /* 0 on the first step; 1 (no call) while the maximum holds, as it mostly does. */
+            const float rescale = new_top == top[r] ? 1.0f : expf(top[r] - new_top);
+            const __m512 shift = _mm512_set1_ps(new_top);
             __m512 sum = _mm512_setzero_ps();
             for (int c = 0; c < KEY_STEP / 16; c++) {
-                const __m512 e = _mm512_maskz_mov_ps(valid[c], exp16(_mm512_sub_ps(s[r][c], _mm512_set1_ps(new_top))));
+                const __m512 e = _mm512_maskz_mov_ps(valid[c], exp16(_mm512_fmsub_ps(s[r][c], scale, shift)));
                 sum = _mm512_add_ps(sum, e);
                 _mm512_storeu_ps(p[r] + 16 * c, e);
                 if (USE_BF16) _mm256_storeu_si256((__m256i*)(p16[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(e));
@@ -216,7 +218,8 @@ BF16 static inline __attribute__((always_inline)) void query_rows(
                 }
             }
             for (int r = 0; r < R; r++)
-                for (int x = 0; x < n; x++) _mm512_storeu_ps(o[r] + 16 * (x0 + x), acc[r][x]);
+                for (int x = 0; x < 4; x++) /* lanes past ``n`` vectors: not stored */
+                    _mm512_mask_storeu_ps(o[r] + 16 * (x0 + x), x < n ? 0xFFFF : 0, acc[r][x]);
         }
     }
     for (int r = 0; r < R; r++) {

@@ -154,51 +154,53 @@ VNNI static inline __attribute__((always_inline)) __m512i dot_word(__m512i acc, 
     return acc;
 }
 
-/* y[r, 0:cols] for R rows of BITS-bit activations against one panel. R and BITS are constants
- * where inlined, so the accumulators stay in registers. */
+/* Row r's activations of block b, as 32-bit words (int16 pairs or int8 quads). */
+#define ROW_WORDS(r) ((const int32_t*)((const uint8_t*)a + ((size_t)row[r] * K + b * 32) * (BITS / 8)))
+/* Row r's block b: its products, rescaled, into f (d * s * sum(q * a)) and g (m * sum(x)). */
+#define ROW_SCALE(r)                                                                          \
+    f##r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e##r),                                          \
+                           _mm512_mul_ps(d, _mm512_set1_ps(s[(size_t)row[r] * blocks + b])), f##r); \
+    g##r = _mm512_fmadd_ps(m, _mm512_set1_ps(sums[(size_t)row[r] * blocks + b]), g##r);
+
+/* y[r, 0:cols] for R (1..4) rows of BITS-bit activations against one panel; BITS is a
+ * constant where inlined. Four rows always run (rows past R repeat row R - 1, not stored):
+ * one kernel, and each row's sums the same whatever rows run beside it. Each accumulator is
+ * a named variable: in arrays GCC spilled them to the stack every block (~12% slower). */
 VNNI static inline __attribute__((always_inline)) void panel_rows(
     const void* a, const float* s, const float* sums, const int R, const int BITS, int K,
     const uint8_t* panel, float* y, int ldy, int cols) {
     const int blocks = K / 32, vectors = block_vectors(BITS), bytes = panel_block_bytes(BITS);
-    __m512 f[ROWS];
-    for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
+    const int row[4] = {0, R > 1 ? 1 : 0, R > 2 ? 2 : R - 1, R > 3 ? 3 : R - 1};
+    __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0, g0 = f0, g1 = f0, g2 = f0, g3 = f0;
     for (int b = 0; b < blocks; b++) {
         const __m512i* w = (const __m512i*)(panel + (size_t)b * bytes);
-        __m512i even[ROWS], odd[ROWS]; /* two chains a row: more products in flight */
-        for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_si512();
-        for (int J = 0; J < vectors; J += 2) {
-            const __m512i w0 = _mm512_loadu_si512(w + J), w1 = _mm512_loadu_si512(w + J + 1);
-            for (int r = 0; r < R; r++) {
-                const int32_t* ar = (const int32_t*)((const uint8_t*)a
-                                                     + ((size_t)r * K + b * 32) * (BITS / 8));
-                even[r] = dot_word(even[r], w0, ar + J, BITS);
-                odd[r] = dot_word(odd[r], w1, ar + J + 1, BITS);
-            }
+        const int32_t *a0 = ROW_WORDS(0), *a1 = ROW_WORDS(1), *a2 = ROW_WORDS(2), *a3 = ROW_WORDS(3);
+        __m512i e0 = _mm512_setzero_si512(), e1 = e0, e2 = e0, e3 = e0;
+        for (int J = 0; J < vectors; J++) {
+            const __m512i wj = _mm512_loadu_si512(w + J);
+            e0 = dot_word(e0, wj, a0 + J, BITS);
+            e1 = dot_word(e1, wj, a1 + J, BITS);
+            e2 = dot_word(e2, wj, a2 + J, BITS);
+            e3 = dot_word(e3, wj, a3 + J, BITS);
         }
         const float* dm = (const float*)(w + vectors);
         const __m512 d = _mm512_loadu_ps(dm), m = _mm512_loadu_ps(dm + PANEL);
-        for (int r = 0; r < R; r++) {
-            const __m512 qa = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
-            f[r] = _mm512_fmadd_ps(qa, _mm512_mul_ps(d, _mm512_set1_ps(s[(size_t)r * blocks + b])), f[r]);
-            f[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sums[(size_t)r * blocks + b]), f[r]);
-        }
+        ROW_SCALE(0) ROW_SCALE(1) ROW_SCALE(2) ROW_SCALE(3)
     }
     const __mmask16 keep = cols >= PANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
-    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)r * ldy, keep, f[r]);
+    const __m512 out[4] = {_mm512_add_ps(f0, g0), _mm512_add_ps(f1, g1), _mm512_add_ps(f2, g2),
+                           _mm512_add_ps(f3, g3)};
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)r * ldy, keep, out[r]);
 }
 
-#define ROWS_CASE(BITS, R) \
-    case BITS * 8 + R: panel_rows(a, s, sums, R, BITS, K, panel, y, ldy, cols); break;
-
-/* panel_rows with R (1..4) and BITS (16 or 8) made constants. */
+/* panel_rows with BITS (16 or 8) made a constant. */
 VNNI static void panel_rows_any(const void* a, const float* s, const float* sums, int rows,
                                 int bits, int K, const uint8_t* panel, float* y, int ldy,
                                 int cols) {
-    switch (bits * 8 + rows) {
-        ROWS_CASE(16, 1) ROWS_CASE(16, 2) ROWS_CASE(16, 3) ROWS_CASE(16, 4)
-        ROWS_CASE(8, 1) ROWS_CASE(8, 2) ROWS_CASE(8, 3) ROWS_CASE(8, 4)
-        default: break;
-    }
+    if (bits == 16)
+        panel_rows(a, s, sums, rows, 16, K, panel, y, ldy, cols);
+    else
+        panel_rows(a, s, sums, rows, 8, K, panel, y, ldy, cols);
 }
 
 typedef struct {
