@@ -16,7 +16,9 @@ this repository's README), next to the default path's. Every time to first token
 a prompt's own prefill (the engine's kept prefills are off for them); ``ttft_2000_reused_ms`` is
 the 2,000-token prompt run again with its prefill kept (``prompt_cache.py``), and
 ``ttft_2000_tail_ms`` that prompt with its last 20 tokens changed (its kept head reused, its
-tail prefilled), neither comparable with ``generate()``'s, which always prefills.
+tail prefilled), neither comparable with ``generate()``'s, which always prefills; after them,
+``kept_prompts_after_tails`` and ``kept_mb_after_tails`` say how many of those prompts the
+cache then holds and in how many MB (the edits share the head's positions).
 On a GPU (``--device``, default ``auto``) the reference for the deviations is the float32
 model on the CPU; decode also runs with the kernels launched one by one instead of replayed
 from a CUDA graph (``plain_launched``), and the GPU's peak memory is reported.
@@ -114,11 +116,12 @@ def time_generate(engine: Any, ids: list[int], new: int) -> tuple[float, float]:
 
 
 def time_reused(engine: Any, ids: list[int], budget: int, reps: int
-                ) -> tuple[float, float] | None:
+                ) -> tuple[float, float, int, float] | None:
     """Median times to first token in ms of ``ids`` run again with its prefill kept (within
     ``budget`` bytes), and of ``ids`` with its last 20 tokens changed, which reuses the kept
-    head and prefills its tail; None when the engine keeps no prefills (not the lean runner,
-    or ``$PROMPT_IDE_PROMPT_CACHE_MB=0``). The cache is off again afterwards."""
+    head and prefills its tail; then how many prompts the cache keeps and their MB (each
+    edit shares the head's positions); None when the engine keeps no prefills (not the lean
+    runner, or ``$PROMPT_IDE_PROMPT_CACHE_MB=0``). The cache is off again afterwards."""
     kept = engine.prompt_cache
     if kept is None or budget == 0:
         return None
@@ -129,7 +132,7 @@ def time_reused(engine: Any, ids: list[int], budget: int, reps: int
         time_engine(engine, ids, 2, top_k=20)  # prefills, and keeps what it left
         again = statistics.median(time_engine(engine, ids, 2, top_k=20)[1] for _ in range(reps))
         tail = statistics.median(time_engine(engine, edited, 2, top_k=20)[1] for edited in tails)
-        return again, tail
+        return again, tail, len(kept), kept.nbytes / 1e6
     finally:
         kept.resize(0)
 
@@ -313,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         "generate_ttft_2000_ms": round(median["generate"], 1),
         "ratio_ttft_2000": round(median["generate"] / median["engine"], 3),
         **{f"ttft_2000_{mode}_ms": round(median[mode], 1) for mode in modes},
-        **({"ttft_2000_reused_ms": round(reused[0], 1), "ttft_2000_tail_ms": round(reused[1], 1)}
+        **({"ttft_2000_reused_ms": round(reused[0], 1), "ttft_2000_tail_ms": round(reused[1], 1),
+            "kept_prompts_after_tails": reused[2], "kept_mb_after_tails": round(reused[3], 1)}
            if reused is not None else {}),
         **{f"ratio_ttft_2000_{mode}": round(median["generate"] / median[mode], 3)
            for mode in modes},

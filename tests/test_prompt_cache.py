@@ -9,17 +9,25 @@ import pytest
 import torch
 
 from conftest import need
-from sampler_core.engine.prompt_cache import (BUDGET_ENV, DEFAULT_BUDGET_MB, KeptPrefill,
-                                              PromptCache, budget_from_env, shared_length)
+from sampler_core.engine.prompt_cache import (BUDGET_ENV, DEFAULT_BUDGET_MB, KeptPositions,
+                                              KeptPrefill, PromptCache, budget_from_env,
+                                              shared_length)
 from sampler_core.inputs import TokenIdsPart
 from sampler_core.settings import SampleSettings
 from sampler_core.tokens import Token
 
 
 def entry(floats: int, rows: bool = False) -> KeptPrefill:
-    """An entry of ``floats`` float32 keys and as many values, 4 logits, maybe 2 rows."""
-    return KeptPrefill(torch.zeros(floats), torch.zeros(floats), torch.zeros(1, 4),
-                       torch.zeros(2) if rows else None)
+    """An entry of ``floats`` positions of one float32 key and one value, 4 logits, maybe 2
+    rows."""
+    return KeptPrefill.whole(torch.zeros(1, 1, floats, 1), torch.zeros(1, 1, floats, 1),
+                             torch.zeros(1, 4), torch.zeros(2) if rows else None)
+
+
+def positions(start: int, stop: int) -> KeptPositions:
+    """Kept positions whose keys are their own numbers and values their negatives."""
+    keys = torch.arange(start, stop, dtype=torch.float32).reshape(1, 1, -1, 1)
+    return KeptPositions(start, keys, -keys)
 
 
 # ----- the budget from the environment --------------------------------------------------------
@@ -116,6 +124,54 @@ def test_the_longest_shared_head_is_found_within_its_limit_and_way() -> None:
     assert cache.longest_shared((0, 1, 7, 7, 7), "exact", limit=3) is None  # under min_tokens
     assert cache.longest_shared(ids, "a way nothing was kept", limit=8) is None
     assert cache.shared_hits == 2
+
+def test_an_entry_that_reused_a_head_shares_it_and_the_budget_counts_it_once() -> None:
+    """Editing the end of a kept prompt keeps only the new tail: the head's positions are the
+    same tensors, counted once, and stay while any entry holds them."""
+    base = KeptPrefill((positions(0, 10),), 10, torch.zeros(1, 4), None)
+    edit = KeptPrefill((*base.head(8), positions(8, 12)), 12, torch.zeros(1, 4), None)
+    assert edit.spans[0] is base.spans[0]
+    head, tail, own = base.spans[0].nbytes, edit.spans[1].nbytes, base.own_nbytes
+    assert (head, tail, own) == (80, 32, 16)
+    cache = PromptCache(10**6)
+    cache.keep("base", base)
+    cache.keep("edit", edit)
+    assert cache.nbytes == head + tail + 2 * own  # not 2 * head
+    cache.resize(head + tail + own)  # room for one entry with its head: the older one leaves
+    assert cache.lookup("base", attention=False) is None and len(cache) == 1
+    assert cache.nbytes == head + tail + own  # the head stays: the edit holds it
+    cache.keep("edit", edit)  # replacing counts it once still
+    assert cache.nbytes == head + tail + own
+    cache.resize(0)
+    assert cache.nbytes == 0 and len(cache) == 0
+
+
+def test_a_restore_takes_each_position_from_the_span_that_holds_it_for_the_entry() -> None:
+    """A head span may hold more positions than the entry shares (the kept prompt went on
+    differently): those come from the entry's own next span instead."""
+    longer_head = positions(0, 10)
+    tail = KeptPositions(6, torch.full((1, 1, 3, 1), 100.0), torch.full((1, 1, 3, 1), -100.0))
+    entry = KeptPrefill((longer_head, tail), 9, torch.zeros(1, 4), None)
+    keys, values = torch.full((1, 1, 12, 1), float("nan")), torch.full((1, 1, 12, 1), float("nan"))
+    entry.restore(keys, values, 9)
+    assert keys.flatten()[:9].tolist() == [0, 1, 2, 3, 4, 5, 100, 100, 100]
+    assert values.flatten()[:9].tolist() == [0, -1, -2, -3, -4, -5, -100, -100, -100]
+    assert keys.flatten()[9:].isnan().all()  # nothing past the prompt
+    keys.fill_(float("nan"))
+    entry.restore(keys, values, 4)  # only a head of it (a prompt that shares 4)
+    assert keys.flatten()[:4].tolist() == [0, 1, 2, 3] and keys.flatten()[4:].isnan().all()
+    assert entry.head(4) == (longer_head,) and entry.head(7) == (longer_head, tail)
+
+
+def test_spans_that_do_not_cover_the_prompt_in_order_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"spans must cover positions 0 \.\. 11 in order, "
+                                         r"got starts \[0, 8\] and ends \[6, 12\]"):
+        KeptPrefill((positions(0, 6), positions(8, 12)), 12, torch.zeros(1, 4), None)
+    with pytest.raises(ValueError, match="spans must cover positions 0 .. 4 in order"):
+        KeptPrefill((positions(1, 5),), 5, torch.zeros(1, 4), None)
+    with pytest.raises(ValueError, match="spans must cover positions 0 .. 4 in order"):
+        KeptPrefill((), 5, torch.zeros(1, 4), None)
+
 
 # ----- on the real model --------------------------------------------------------------------------
 
@@ -290,6 +346,15 @@ def test_a_prompt_sharing_a_kept_head_prefills_only_its_tail_exactly(engine, kep
         assert summary.prefill_reused and summary.prefill_reused_tokens == shared, name
         assert forwards[0] == (len(ids) - shared, True), name  # the tail, as a long prefill
         assert kept.shared_hits == hits + 1, name
+        # Kept: the tail's positions only, the head's shared with the entry it came from.
+        how = next(iter(kept._entries))[1]  # the way the engine prefilled both
+        base, tail = (kept.lookup((key, how), attention=False) for key in (head, ids))
+        assert tail.spans[0] is base.spans[0] and tail.spans[1].start == shared, name
+        assert kept.nbytes == base.nbytes + tail.nbytes - base.spans[0].nbytes, name
+        # Run again, it restores from both spans: still the cold run, now a whole reuse.
+        forwards.clear()
+        assert run(engine, ids, rng_seed=4, return_attention=True) == cold[name], name
+        assert not forwards, name
 
 
 

@@ -22,7 +22,8 @@ from sampler_core.engine.fast_llama import PACKED_MAX_STEPS, FastLlama, KVCache,
 from sampler_core.engine.models import LoadedModel
 from sampler_core.engine.packed import packed_for
 from sampler_core.engine.processors import LogitsProcessor, argmax, build_chain, draw, top_ids
-from sampler_core.engine.prompt_cache import KeptPrefill, PromptCache, budget_from_env
+from sampler_core.engine.prompt_cache import (KeptPositions, KeptPrefill, PromptCache,
+                                               budget_from_env)
 from sampler_core.engine.step_batcher import Seat, StepBatcher
 from sampler_core.engine.threads import one_thread
 from sampler_core.errors import ContextOverflow, InvalidInput, InvalidSettings
@@ -397,34 +398,36 @@ class CausalLMEngine:
             with kept.prefilling(key) as mine:  # runs of one new prompt prefill it once
                 entry = None if mine else kept.lookup(key, attention)
                 if entry is None:
-                    logits, rows, shared = self._prefill_tail(plan, cache, how, attention)
-                    kept.keep(key, KeptPrefill(cache.keys[:, :, :length].clone(),
-                                               cache.values[:, :, :length].clone(),
-                                               logits.clone(),
+                    logits, rows, shared, head = self._prefill_tail(plan, cache, how, attention)
+                    # Keep the tail's positions; the head's stay shared with their entry.
+                    own = KeptPositions(shared, cache.keys[:, :, shared:length].clone(),
+                                        cache.values[:, :, shared:length].clone())
+                    kept.keep(key, KeptPrefill((*head, own), length, logits.clone(),
                                                None if rows is None else rows.clone()))
                     return logits, rows, shared
-        cache.keys[:, :, :length].copy_(entry.keys)
-        cache.values[:, :, :length].copy_(entry.values)
+        entry.restore(cache.keys, cache.values, length)
         cache.length = length
         rows = entry.rows.clone() if attention and entry.rows is not None else None
         return entry.logits.clone(), rows, length
 
     def _prefill_tail(self, plan: Plan, cache: KVCache, how: tuple[Any, ...], attention: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, int,
+                                 tuple[KeptPositions, ...]]:
         """The prompt's prefill from the first position no kept prompt shares with it, where
         the runner computes that tail bit for bit as a prefill of the whole prompt would
         (``FastLlama.tails_match_whole_prefills``; a tail of at least 2 positions); else all of
-        it. Returns the logits, the attention rows and how many positions were copied."""
+        it. Returns the logits, the attention rows, how many positions were copied and the
+        kept spans they came from."""
         ids = plan.prompt_ids
         found = (self.prompt_cache.longest_shared(ids, how, limit=len(ids) - 2)
                  if self._exact_pieces(plan) else None)
         if found is None:
-            return (*self._prefill(plan, cache, all_logits=False, attention=attention), 0)
+            return (*self._prefill(plan, cache, all_logits=False, attention=attention), 0, ())
         entry, shared = found
-        cache.keys[:, :, :shared].copy_(entry.keys[:, :, :shared])
-        cache.values[:, :, :shared].copy_(entry.values[:, :, :shared])
+        entry.restore(cache.keys, cache.values, shared)
         cache.length = shared
-        return (*self._prefill_from(plan, cache, shared, attention=attention), shared)
+        return (*self._prefill_from(plan, cache, shared, attention=attention), shared,
+                entry.head(shared))
 
     def _token(self, token_id: int, logits: torch.Tensor, processed: torch.Tensor | None,
                settings: SampleSettings, position: int, token_type: TokenType,

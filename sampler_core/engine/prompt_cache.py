@@ -17,8 +17,11 @@ the prompt.
 
 An entry keeps the prompt's positions of the keys and values (float32: 46 KB a token for
 SmolLM2-135M, ~92 MB for 2,000 tokens), the last position's logits and, when the run asked
-for them, its attention weights. Entries leave least recently used first, within a byte
-budget: ``$PROMPT_IDE_PROMPT_CACHE_MB`` (default 256; 0 keeps nothing). Prompts under
+for them, its attention weights. A prompt that reused a kept head keeps only its own tail's
+positions and shares the head's (``KeptPositions``) with the entry it came from, so ten
+edits of the end of a 2,000-token prompt hold ~92 MB and ten tails, not ten copies. Entries
+leave least recently used first, within a byte budget that counts each shared run of
+positions once: ``$PROMPT_IDE_PROMPT_CACHE_MB`` (default 256; 0 keeps nothing). Prompts under
 ``MIN_TOKENS`` are not kept: they prefill in about a tenth of a second, less than keeping them
 in memory is worth.
 
@@ -61,21 +64,76 @@ def budget_from_env() -> int:
     return megabytes * 10**6
 
 
-@dataclass(frozen=True)
-class KeptPrefill:
-    """What one prompt's prefill left: read-only once kept (restores copy out of it)."""
+@dataclass(frozen=True, eq=False)
+class KeptPositions:
+    """The keys and values of prompt positions ``start`` onward, read-only once kept; entries
+    whose prompts share a head hold the same one (compared by identity)."""
 
-    keys: torch.Tensor  # [layer, kv_head, prompt length, head_dim]
+    start: int
+    keys: torch.Tensor  # [layer, kv_head, positions, head_dim]
     values: torch.Tensor  # the same shape
-    logits: torch.Tensor  # the last position's, [1, vocab]
-    rows: torch.Tensor | None  # the last position's attention, [layer, head, length], if asked
+
+    @property
+    def end(self) -> int:
+        """One past the last position held."""
+        return self.start + self.keys.shape[2]
 
     @property
     def nbytes(self) -> int:
         """Bytes held."""
-        tensors = [self.keys, self.values, self.logits] + ([self.rows] if self.rows is not None
-                                                           else [])
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+@dataclass(frozen=True)
+class KeptPrefill:
+    """What one prompt's prefill left: read-only once kept (restores copy out of it). Its
+    positions come from ``spans`` in order, each up to where the next starts (the last up to
+    ``length``): a head shared with the entry it reused, then its own."""
+
+    spans: tuple[KeptPositions, ...]
+    length: int  # the prompt's positions
+    logits: torch.Tensor  # the last position's, [1, vocab]
+    rows: torch.Tensor | None  # the last position's attention, [layer, head, length], if asked
+
+    def __post_init__(self) -> None:
+        starts = [span.start for span in self.spans] + [self.length]
+        if not self.spans or starts[0] != 0 or any(
+                not a < b <= span.end for a, b, span in zip(starts, starts[1:], self.spans)):
+            raise ValueError(f"spans must cover positions 0 .. {self.length - 1} in order, "
+                             f"got starts {starts[:-1]} and ends "
+                             f"{[span.end for span in self.spans]}")
+
+    @classmethod
+    def whole(cls, keys: torch.Tensor, values: torch.Tensor, logits: torch.Tensor,
+              rows: torch.Tensor | None) -> KeptPrefill:
+        """An entry that holds all of its positions itself."""
+        return cls((KeptPositions(0, keys, values),), keys.shape[2], logits, rows)
+
+    def head(self, length: int) -> tuple[KeptPositions, ...]:
+        """The spans that hold positions 0 .. length - 1 (the last may hold more)."""
+        return tuple(span for span in self.spans if span.start < length)
+
+    def restore(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Copy positions 0 .. length - 1 into a cache's ``keys`` and ``values`` ([layer,
+        kv_head, capacity, head_dim])."""
+        ends = [span.start for span in self.spans[1:]] + [self.length]
+        for span, end in zip(self.spans, ends):
+            end = min(end, length)
+            if end <= span.start:
+                break
+            keys[:, :, span.start:end].copy_(span.keys[:, :, :end - span.start])
+            values[:, :, span.start:end].copy_(span.values[:, :, :end - span.start])
+
+    @property
+    def own_nbytes(self) -> int:
+        """Bytes held besides the spans: the logits and the attention."""
+        tensors = [self.logits] + ([self.rows] if self.rows is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, shared spans included."""
+        return self.own_nbytes + sum(span.nbytes for span in self.spans)
 
 
 def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -100,13 +158,14 @@ class PromptCache:
         self.max_bytes, self.min_tokens = max_bytes, min_tokens
         self.hits = self.misses = self.shared_hits = 0
         self._entries: OrderedDict[Hashable, KeptPrefill] = OrderedDict()
-        self._bytes = 0
+        self._bytes = 0  # each span once, however many entries share it
+        self._span_users: dict[int, int] = {}  # entries holding each span, by id(span)
         self._lock = threading.Lock()
         self._claimed: dict[Hashable, threading.Event] = {}  # prefills under way, by key
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kept entries hold."""
+        """Bytes the kept entries hold, each shared span counted once."""
         return self._bytes
 
     def __len__(self) -> int:
@@ -123,7 +182,7 @@ class PromptCache:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         with self._lock:
             self.max_bytes = max_bytes
-            self._evict(0)
+            self._evict()
 
     def lookup(self, key: Hashable, attention: bool) -> KeptPrefill | None:
         """The entry for ``key`` (now the most recently used), or None; an entry without
@@ -179,20 +238,38 @@ class PromptCache:
 
     def keep(self, key: Hashable, entry: KeptPrefill) -> None:
         """Keep ``entry`` under ``key`` (replacing one there), unless it alone overflows the
-        budget; older entries leave until it fits."""
-        size = entry.nbytes
+        budget; older entries leave until it fits (spans it shares with them stay)."""
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= old.nbytes
-            if size > self.max_bytes:
+                self._release(old)
+            if entry.nbytes > self.max_bytes:
                 return
-            self._evict(size)
             self._entries[key] = entry
-            self._bytes += size
+            self._hold(entry)
+            self._evict()  # never the new entry: alone it fits
 
-    def _evict(self, room: int) -> None:
-        """Drop least recently used entries until ``room`` more bytes fit (lock held)."""
-        while self._entries and self._bytes + room > self.max_bytes:
+    def _hold(self, entry: KeptPrefill) -> None:
+        """Count ``entry``'s bytes: its own, and each span no kept entry held yet (lock held)."""
+        self._bytes += entry.own_nbytes
+        for span in entry.spans:
+            users = self._span_users.get(id(span), 0)
+            if users == 0:
+                self._bytes += span.nbytes
+            self._span_users[id(span)] = users + 1
+
+    def _release(self, entry: KeptPrefill) -> None:
+        """Uncount ``entry``'s bytes: its own, and each span no other kept entry holds."""
+        self._bytes -= entry.own_nbytes
+        for span in entry.spans:
+            users = self._span_users.pop(id(span)) - 1
+            if users:
+                self._span_users[id(span)] = users
+            else:
+                self._bytes -= span.nbytes
+
+    def _evict(self) -> None:
+        """Drop least recently used entries until the rest fit the budget (lock held)."""
+        while self._entries and self._bytes > self.max_bytes:
             _, dropped = self._entries.popitem(last=False)
-            self._bytes -= dropped.nbytes
+            self._release(dropped)
