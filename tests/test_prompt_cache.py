@@ -20,8 +20,9 @@ from sampler_core.tokens import Token
 def entry(floats: int, rows: bool = False) -> KeptPrefill:
     """An entry of ``floats`` positions of one float32 key and one value, 4 logits, maybe 2
     rows."""
-    return KeptPrefill.whole(torch.zeros(1, 1, floats, 1), torch.zeros(1, 1, floats, 1),
-                             torch.zeros(1, 4), torch.zeros(2) if rows else None)
+    keys = torch.zeros(1, 1, floats, 1)
+    return KeptPrefill((KeptPositions(0, keys, torch.zeros_like(keys)),), floats,
+                       torch.zeros(1, 4), torch.zeros(2) if rows else None)
 
 
 def positions(start: int, stop: int) -> KeptPositions:

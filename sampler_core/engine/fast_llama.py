@@ -33,6 +33,7 @@ others take the transformers path.
 from __future__ import annotations
 
 import ctypes
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cache, partial
 from typing import Any, Callable, Sequence
@@ -44,6 +45,7 @@ from sampler_core.engine import packed as packed_kernels
 from sampler_core.engine.devices import cuda_graphs_enabled
 from sampler_core.engine.graphed_decode import StaticDecode
 from sampler_core.engine.packed import PackedLinear, PackedLlama
+from sampler_core.engine.threads import one_thread
 
 #: Up to this many new positions a forward reads the packed weights; a longer prefill is
 #: compute-bound and runs a float32 product on weights rebuilt from the blocks per layer.
@@ -330,6 +332,27 @@ class FastLlama:
         # Inexact modes apply to long prefills only; short ones read the packed blocks exactly.
         long = steps > PACKED_MAX_STEPS or as_long_prefill
         mode = (prefill or self.prefill_mode) if long else "float32"
+        # A fixed-point prefill multiplies and attends on the kernel's threads alone, so torch's
+        # few ops in it (norms, sums) run on this thread: each parallel one left torch's OpenMP
+        # worker spinning on a core the kernel's threads needed (fixed16: 11% of a 2,000-token
+        # prefill, alternating runs in one process). oneDNN's float32 product needs them.
+        with one_thread() if mode in FIXED_BITS else nullcontext():
+            x = self._layers(x, cache, start, cos, sin, long, mode, all_logits, rows)
+        cache.length = end
+        hidden = self._norm(x if all_logits else x[-1:], self.final_norm)
+        head = (self.packed.lm_head if self.packed is not None and hidden.shape[0] <= PACKED_MAX_STEPS
+                else self.lm_head)
+        return _linear(hidden, head, self._dense), rows
+
+    def _layers(self, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor,
+                sin: torch.Tensor, long: bool, mode: str, all_logits: bool,
+                rows: torch.Tensor | None) -> torch.Tensor:
+        """Every layer on the new positions ``x`` (``[T, hidden]``, from ``start``): their keys
+        and values into the cache, the last position's attention into ``rows`` when given.
+        Returns the hidden states (only the last position's when the last layer needs no
+        more)."""
+        steps = x.shape[0]
+        end = start + steps
         dense = self._dense
         for index, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
             # Past the last layer's keys and values only the last position is read (unless
@@ -360,11 +383,7 @@ class FastLlama:
             # MLP block.
             gate_up = _linear(self._norm(x, w_post), w_gate_up, dense)
             x = x + _linear(self._silu_times(gate_up), w_down, dense)
-        cache.length = end
-        hidden = self._norm(x if all_logits else x[-1:], self.final_norm)
-        head = (self.packed.lm_head if self.packed is not None and hidden.shape[0] <= PACKED_MAX_STEPS
-                else self.lm_head)
-        return _linear(hidden, head, dense), rows
+        return x
 
     def _packed_weights(self, layer: int, long: bool, mode: str, last_row_only: bool
                         ) -> list[Any]:

@@ -103,12 +103,6 @@ class KeptPrefill:
                              f"got starts {starts[:-1]} and ends "
                              f"{[span.end for span in self.spans]}")
 
-    @classmethod
-    def whole(cls, keys: torch.Tensor, values: torch.Tensor, logits: torch.Tensor,
-              rows: torch.Tensor | None) -> KeptPrefill:
-        """An entry that holds all of its positions itself."""
-        return cls((KeptPositions(0, keys, values),), keys.shape[2], logits, rows)
-
     def head(self, length: int) -> tuple[KeptPositions, ...]:
         """The spans that hold positions 0 .. length - 1 (the last may hold more)."""
         return tuple(span for span in self.spans if span.start < length)
