@@ -165,7 +165,7 @@ VNNI static inline __attribute__((always_inline)) __m512i dot_word(__m512i acc, 
 /* y[r, 0:cols] for R (1..4) rows of BITS-bit activations against one panel; BITS is a
  * constant where inlined. Four rows always run (rows past R repeat row R - 1, not stored):
  * one kernel, and each row's sums the same whatever rows run beside it. Each accumulator is
- * a named variable: in arrays GCC spilled them to the stack every block (~12% slower). */
+ * a named variable: in arrays GCC spilled some to the stack every block (5-12% slower). */
 VNNI static inline __attribute__((always_inline)) void panel_rows(
     const void* a, const float* s, const float* sums, const int R, const int BITS, int K,
     const uint8_t* panel, float* y, int ldy, int cols) {
