@@ -393,6 +393,8 @@ void silu_times(const float* gate, const float* up, int n, float* act) {
 enum { ATTENTION_PIECE = 128 };
 /* Contexts up to MAX_PIECES * ATTENTION_PIECE positions (131,072; models here have 8,192). */
 enum { MAX_PIECES = 1024 };
+/* Query heads whose scores one pass over a piece's keys computes. */
+enum { SCORE_HEADS = 4 };
 
 typedef struct {
     const float *q, *keys, *values;
@@ -401,6 +403,59 @@ typedef struct {
     int capacity, context, head_dim, heads, group, pieces;
     float scale;
 } attention_job;
+
+/* Head h's part of a piece (attention_piece) past its scores (positions t0 .. t1 - 1 of its
+ * weights) and their maximum ``top``: the exponentials, their sum and the exponential-weighted
+ * sum of the values ``v`` (its key-value head's). */
+static void piece_values(const attention_job* j, int h, int piece, int t0, int t1,
+                         const float* v, float top) {
+    const int dim = j->head_dim;
+    float* w = j->weights + (size_t)h * j->context;
+    __m512 sums = _mm512_setzero_ps();
+    for (int t = t0; t < t1; t += 16) {
+        const __mmask16 m = lanes_before(t, t1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + t), _mm512_set1_ps(top)));
+        sums = _mm512_mask_add_ps(sums, m, sums, e);
+        _mm512_mask_storeu_ps(w + t, m, e);
+    }
+    float* out = j->partial + ((size_t)piece * j->heads + h) * (dim + 2);
+    /* 64 dimensions at a time in registers, walking the value rows in order (a row's
+     * dimensions one after another: the memory is read as it lies, which the prefetcher
+     * follows; 16 dimensions a pass strided the rows and stalled on every load). Each
+     * output sums even and odd positions apart, then adds the two, as before. */
+    for (int i = 0; i < dim; i += 64) {
+        const int n = dim - i < 64 ? (dim - i) / 16 : 4; /* vectors of this pass */
+        const __mmask16 m1 = n > 1 ? 0xFFFF : 0, m2 = n > 2 ? 0xFFFF : 0, m3 = n > 3 ? 0xFFFF : 0;
+        __m512 e0 = _mm512_setzero_ps(), e1 = e0, e2 = e0, e3 = e0;
+        __m512 o0 = e0, o1 = e0, o2 = e0, o3 = e0;
+        const float* row = v + (size_t)t0 * dim + i;
+        int t = t0;
+        for (; t + 2 <= t1; t += 2, row += 2 * (size_t)dim) {
+            const __m512 a = _mm512_set1_ps(w[t]), b = _mm512_set1_ps(w[t + 1]);
+            e0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(row), e0);
+            e1 = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m1, row + 16), e1);
+            e2 = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m2, row + 32), e2);
+            e3 = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m3, row + 48), e3);
+            o0 = _mm512_fmadd_ps(b, _mm512_loadu_ps(row + dim), o0);
+            o1 = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(m1, row + dim + 16), o1);
+            o2 = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(m2, row + dim + 32), o2);
+            o3 = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(m3, row + dim + 48), o3);
+        }
+        if (t < t1) {
+            const __m512 a = _mm512_set1_ps(w[t]);
+            e0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(row), e0);
+            e1 = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m1, row + 16), e1);
+            e2 = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m2, row + 32), e2);
+            e3 = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m3, row + 48), e3);
+        }
+        _mm512_storeu_ps(out + i, _mm512_add_ps(e0, o0));
+        _mm512_mask_storeu_ps(out + i + 16, m1, _mm512_add_ps(e1, o1));
+        _mm512_mask_storeu_ps(out + i + 32, m2, _mm512_add_ps(e2, o2));
+        _mm512_mask_storeu_ps(out + i + 48, m3, _mm512_add_ps(e3, o3));
+    }
+    out[dim] = top;
+    out[dim + 1] = _mm512_reduce_add_ps(sums);
+}
 
 /* Piece c (key-value head c / pieces, positions of piece c % pieces) of every query head that
  * reads this key-value head: scores, their exponentials against the piece's maximum, and the
@@ -412,39 +467,23 @@ static void attention_piece(const void* job, int c) {
     const int t1 = t0 + ATTENTION_PIECE < j->context ? t0 + ATTENTION_PIECE : j->context;
     const float* k = j->keys + (size_t)kv * j->capacity * dim;
     const float* v = j->values + (size_t)kv * j->capacity * dim;
-    for (int h = kv * j->group; h < (kv + 1) * j->group; h++) {
-        const float* q = j->q + h * dim;
-        float* w = j->weights + (size_t)h * j->context;
-        float top = -INFINITY;
+    const int h0 = kv * j->group, h1 = h0 + j->group;
+    float tops[SCORE_HEADS];
+    for (int hb = h0; hb < h1; hb += SCORE_HEADS) {
+        /* Scores of up to SCORE_HEADS query heads, each key read once for all of them (and
+         * their dot products independent of each other, so they overlap). */
+        const int nh = h1 - hb < SCORE_HEADS ? h1 - hb : SCORE_HEADS;
+        for (int g = 0; g < nh; g++) tops[g] = -INFINITY;
         for (int t = t0; t < t1; t++) {
-            w[t] = dot(q, k + (size_t)t * dim, dim) * j->scale;
-            top = w[t] > top ? w[t] : top;
-        }
-        __m512 sums = _mm512_setzero_ps();
-        for (int t = t0; t < t1; t += 16) {
-            const __mmask16 m = lanes_before(t, t1);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + t), _mm512_set1_ps(top)));
-            sums = _mm512_mask_add_ps(sums, m, sums, e);
-            _mm512_mask_storeu_ps(w + t, m, e);
-        }
-        float* out = j->partial + ((size_t)piece * j->heads + h) * (dim + 2);
-        for (int i = 0; i < dim; i += 16) { /* sixteen dimensions at a time, in registers */
-            const __mmask16 m = lanes_before(i, dim);
-            __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
-            int t = t0;
-            for (; t + 2 <= t1; t += 2) {
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(w[t]),
-                                      _mm512_maskz_loadu_ps(m, v + (size_t)t * dim + i), acc);
-                acc2 = _mm512_fmadd_ps(_mm512_set1_ps(w[t + 1]),
-                                       _mm512_maskz_loadu_ps(m, v + (size_t)(t + 1) * dim + i), acc2);
+            const float* key = k + (size_t)t * dim;
+            for (int g = 0; g < nh; g++) {
+                float* w = j->weights + (size_t)(hb + g) * j->context;
+                w[t] = dot(j->q + (hb + g) * dim, key, dim) * j->scale;
+                tops[g] = w[t] > tops[g] ? w[t] : tops[g];
             }
-            if (t < t1)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(w[t]),
-                                      _mm512_maskz_loadu_ps(m, v + (size_t)t * dim + i), acc);
-            _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(acc, acc2));
         }
-        out[dim] = top;
-        out[dim + 1] = _mm512_reduce_add_ps(sums);
+        for (int h = hb; h < hb + nh; h++)
+            piece_values(j, h, piece, t0, t1, v, tops[h - hb]);
     }
 }
 
