@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,17 +28,7 @@ sys.path.insert(0, str(ROOT))
 from sampler_core.engine import get_engine  # noqa: E402
 from sampler_core.engine.fast_llama import onednn_linear  # noqa: E402
 from sampler_core.engine.packed import LAYER_PARTS, kernel  # noqa: E402
-
-
-def best_ms(work: Callable[[], object], reps: int) -> float:
-    """The fastest of ``reps`` calls (after one to warm up), in ms."""
-    work()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
+from step import best_ms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         macs = rows * linear.in_features * linear.out_features
         layer_macs += macs
         for way, product in ways.items():
-            ms = best_ms(lambda: product(linear, x, weight), args.reps)
+            ms = best_ms(lambda: product(linear, x, weight), args.reps, per_batch=1)
             report[way][name] = macs / ms / 1e6
             layer_ms[way] += ms
     for way in ways:  # the four together, as a layer runs them
@@ -88,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ms = best_ms(lambda: lib.prefill_attention(
             q.data_ptr(), keys.data_ptr(), values.data_ptr(), rows, heads, kv_heads, dim, 0,
-            rows, runner.scale, out.data_ptr(), scratch.data_ptr(), bf16), args.reps)
+            rows, runner.scale, out.data_ptr(), scratch.data_ptr(), bf16), args.reps, per_batch=1)
         attention[way] = attention_macs / ms / 1e6
     for way, rates in report.items():
         print(f"{way} products: " + ", ".join(f"{n} {r:.1f}" for n, r in rates.items())
