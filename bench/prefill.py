@@ -3,8 +3,8 @@
 Five ways, interleaved rep by rep so the machine's drift hits each alike: torch's fused
 attention with MKL's float32 linears (``F.linear``: the path before ``prefill_attention.c``),
 the C attention kernel with MKL's linears (the default before oneDNN's), the C attention
-kernel with oneDNN's float32 linears (the default), the C attention kernel with the opt-in
-``fixed16`` linears (``PROMPT_IDE_PREFILL=fixed16``), ``fast``, and transformers'
+kernel with oneDNN's float32 linears (``prefill="float32"``), the C attention kernel with the
+``fixed16`` linears (the default where the CPU has AVX-512 VNNI), ``fast``, and transformers'
 ``generate()``. Prints the median of each and ``generate()``'s median over it (above 1:
 faster); the last line is one JSON object.
 
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = prompt_ids(engine, args.prompt_tokens)
     time_engine(engine, ids[:300], 2)  # warm-up
     ttft: dict[str, list[float]] = {name: [] for name in [*ways, "generate"]}
+    before = (runner.prefill_attention_kernel, runner.prefill_mode, runner.onednn_linears)
     try:
         for rep in range(args.reps):
             for name, (kernel_attention, mode, onednn) in ways.items():
@@ -60,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rep {rep + 1}: " + ", ".join(f"{n} {v[-1]:.0f} ms" for n, v in ttft.items()),
                   file=sys.stderr, flush=True)
     finally:
-        kernel_attention, mode, onednn = ENGINE_WAYS["kernel_attention_onednn"]
-        runner.set_prefill(kernel_attention=kernel_attention, mode=mode)
-        runner.onednn_linears = onednn and "kernel_attention_onednn" in ways
+        runner.set_prefill(kernel_attention=before[0], mode=before[1])
+        runner.onednn_linears = before[2]
     median = {name: statistics.median(values) for name, values in ttft.items()}
     print(json.dumps({
         "prompt_tokens": args.prompt_tokens, "reps": args.reps,

@@ -7,7 +7,10 @@ rows equal to eager attention, results independent of the thread count, seeds re
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -46,6 +49,17 @@ def fast(engine):
         yield cpu
     finally:
         cpu.prompt_cache.resize(budget)
+
+
+@contextmanager
+def prefill_as(runner, mode: str, kernel_attention: bool = True) -> Iterator[None]:
+    """The runner's long prefills in ``mode`` for the body; then as they were."""
+    before = (runner.prefill_attention_kernel, runner.prefill_mode)
+    runner.set_prefill(kernel_attention=kernel_attention, mode=mode)
+    try:
+        yield
+    finally:
+        runner.set_prefill(kernel_attention=before[0], mode=before[1])
 
 
 def tokens_of(engine, ids, **settings) -> list[Token]:
@@ -141,7 +155,7 @@ def test_decode_attention_rows_equal_eager_attention_after_a_long_prefill(fast) 
 
     ids = fast.encode(PROMPTS[-1])
     tokens = tokens_of(fast, ids, max_len=3, temperature=0.0, return_attention=True,
-                       full_attention=True)
+                       full_attention=True, prefill="float32")  # held to float32's rounding
     context = ids + [t.token_id for t in tokens][:2]
     eager = AutoModelForCausalLM.from_pretrained(fast.model.name_or_path,
                                                  attn_implementation="eager")
@@ -161,7 +175,9 @@ def test_decode_over_several_attention_pieces_matches_eager_and_any_thread_count
     from sampler_core.engine import packed
 
     ids = (fast.encode(PROMPTS[-1] + " ") * 8)[:300]
-    settings = dict(max_len=4, temperature=0.0, return_attention=True, full_attention=True)
+    # The prompt in float32: this test holds the decode step to float32's rounding.
+    settings = dict(max_len=4, temperature=0.0, return_attention=True, full_attention=True,
+                    prefill="float32")
     tokens = tokens_of(fast, ids, **settings)
     context = ids + [t.token_id for t in tokens][:3]
     eager = AutoModelForCausalLM.from_pretrained(fast.model.name_or_path,
@@ -236,15 +252,12 @@ def test_a_prompts_last_layer_runs_on_its_last_row_alone(fast, monkeypatch, leng
     silu_times = runner._silu_times
     monkeypatch.setattr(runner, "_silu_times",
                         lambda gate_up: mlp_rows.append(gate_up.shape[0]) or silu_times(gate_up))
-    runner.set_prefill(kernel_attention=kernel_attention, mode="float32")
-    try:
+    with prefill_as(runner, "float32", kernel_attention):
         caches = [runner.new_cache(length) for _ in range(2)]
         every, every_rows = runner.forward(ids, caches[0], all_logits=True, attention=True)
         assert mlp_rows[-1] == length
         last, last_rows = runner.forward(ids, caches[1], attention=True)
         assert mlp_rows[-2:] == [length, 1]  # the next-to-last layer whole, the last one row
-    finally:
-        runner.set_prefill(kernel_attention=True, mode="float32")
     assert last.shape == (1, fast.vocab_size)
     assert (every[-1] - last[0]).abs().max() < 1e-4
     assert torch.allclose(every_rows, last_rows, atol=1e-6)
@@ -264,9 +277,12 @@ def test_weights_mode_is_validated(monkeypatch) -> None:
 def test_prefill_mode_is_validated(monkeypatch) -> None:
     from sampler_core.engine.packed import prefill_mode
 
-    assert prefill_mode() == "float32"  # exact unless asked for by name
-    monkeypatch.setenv("PROMPT_IDE_PREFILL", "fixed16")
-    assert prefill_mode() == "fixed16"
+    monkeypatch.delenv("PROMPT_IDE_PREFILL", raising=False)
+    assert prefill_mode() == "fixed16"  # holds the same-answers rule (tested below)
+    monkeypatch.setenv("PROMPT_IDE_PREFILL", "float32")
+    assert prefill_mode() == "float32"
+    monkeypatch.setenv("PROMPT_IDE_PREFILL", " Fast ")
+    assert prefill_mode() == "fast"
     monkeypatch.setenv("PROMPT_IDE_PREFILL", "int4")
     with pytest.raises(ValueError, match="PROMPT_IDE_PREFILL must be one of float32, fixed16, "
                                          "fast, got 'int4'"):
@@ -321,13 +337,21 @@ def test_prefill_attention_kernel_equals_eager_attention(fast, start, steps) -> 
     assert torch.equal(_attention_kernel_run(runner, q, cache, start, steps, "fast"), approx)
 
 
-def test_set_prefill_is_validated(fast) -> None:
+def test_set_prefill_is_validated(fast, monkeypatch) -> None:
     runner = fast._fast
+    before = runner.prefill_mode
     with pytest.raises(ValueError, match="mode must be one of float32, fixed16, fast, got 'x'"):
         runner.set_prefill(kernel_attention=True, mode="x")
     with pytest.raises(ValueError, match="mode 'fast' needs the attention kernel"):
         runner.set_prefill(kernel_attention=False, mode="fast")
-    assert runner.prefill_mode == "float32" and runner._prefill_attention  # left as it was
+    assert runner.prefill_mode == before and runner._prefill_attention  # left as it was
+    # A GGUF file whose layers are not all Q4_1 (a Q8_0 one here) cannot run fixed point.
+    need(runner._kernel.prefill_supported() == 1, "this CPU lacks AVX-512 VNNI")
+    layers = list(runner.packed.layers)
+    layers[3] = (replace(layers[3][0], kind=1), *layers[3][1:])
+    monkeypatch.setattr(runner.packed, "layers", layers)
+    with pytest.raises(ValueError, match="mode 'fixed16' needs Q4_1 layer weights"):
+        runner.set_prefill(kernel_attention=True, mode="fixed16")
 
 
 @pytest.mark.parametrize("part, rows, out_rows",
@@ -360,15 +384,42 @@ def test_fixed_point_prefill_matmul_is_within_its_rounding(fast, part, rows, out
             packed.use_threads(torch.get_num_threads())
 
 
-def test_fixed16_prefill_holds_the_same_answers_rule(fast) -> None:
-    """The opt-in ``fixed16`` prefill on prompts of ~400 tokens: the float32 reference's greedy
-    tokens, probabilities within 1e-3 (measured: ~5e-4 at worst). Prompts: windows of this
-    file's own text (varied, and stable unless the tests change)."""
+@pytest.mark.parametrize("bits", [16, 8])
+def test_fixed_point_prefill_takes_the_norm_and_the_residual_into_its_passes(fast, bits) -> None:
+    """With ``norm`` it equals the product of the torch-normalised rows to within a step of
+    its rounding (the norm's sum runs in another order); with ``residual``, bit for bit the
+    residual plus the product; each row the same whatever rows run with it. Shapes are
+    checked by name."""
     from sampler_core.engine import packed
 
     need(packed.kernel().prefill_supported() == 1, "this CPU lacks AVX-512 VNNI")
-    fast._fast.set_prefill(kernel_attention=True, mode="fixed16")
-    try:
+    runner = fast._fast
+    linear, weight = runner.packed.layers[9][2], runner.layers[9][3]  # gate/up, its norm
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(37, linear.in_features, generator=gen) * 3
+    normed = linear.prefill(x, bits, norm=weight, eps=runner.eps)
+    unfused = linear.prefill(runner._norm(x, weight), bits)
+    error = float((normed - unfused).abs().max() / unfused.abs().max())
+    assert error < 1e-5  # measured: 5.6e-6 (16 bits), 2.5e-7 (8)
+    assert torch.equal(linear.prefill(x[30:], bits, norm=weight, eps=runner.eps), normed[30:])
+    residual = torch.randn(37, linear.out_features, generator=gen)
+    assert torch.equal(linear.prefill(x, bits, residual=residual),
+                       residual + linear.prefill(x, bits))
+    with pytest.raises(ValueError, match=r"norm must have shape \(576,\), got \(3,\)"):
+        linear.prefill(x, bits, norm=weight[:3])
+    with pytest.raises(ValueError, match=r"residual must have shape \(37, 3072\), got \(37, 5\)"):
+        linear.prefill(x, bits, residual=residual[:, :5])
+
+
+def test_fixed16_prefill_holds_the_same_answers_rule(fast) -> None:
+    """The ``fixed16`` prefill (the default where the CPU runs it) on prompts of ~400 tokens:
+    the float32 reference's greedy tokens, probabilities within 1e-3 (measured: ~5e-4 at
+    worst; bench/decode.py checks 128 tokens). Prompts: windows of this file's own text
+    (varied, and stable unless the tests change)."""
+    from sampler_core.engine import packed
+
+    need(packed.kernel().prefill_supported() == 1, "this CPU lacks AVX-512 VNNI")
+    with prefill_as(fast._fast, "fixed16"):
         for ids in _file_windows(fast):
             tokens = tokens_of(fast, ids, max_len=24, temperature=0.0)
             got = [t.token_id for t in tokens]
@@ -378,8 +429,6 @@ def test_fixed16_prefill_holds_the_same_answers_rule(fast) -> None:
             probs = torch.softmax(logits, dim=-1)
             expected = probs[torch.arange(len(got)), torch.tensor(got)]
             assert max(abs(t.raw_prob - float(e)) for t, e in zip(tokens, expected)) < 1e-3
-    finally:
-        fast._fast.set_prefill(kernel_attention=True, mode="float32")
 
 
 def _file_windows(fast) -> list[list[int]]:
@@ -400,8 +449,7 @@ def test_fast_prefill_stays_near_the_reference_and_is_deterministic(fast) -> Non
     need(kernel.prefill_supported() == 1 and kernel.prefill_attention_bf16_supported() == 1,
          "this CPU lacks AVX-512 VNNI or BF16")
     runner = fast._fast
-    runner.set_prefill(kernel_attention=True, mode="fast")
-    try:
+    with prefill_as(runner, "fast"):
         same_top = 0
         for ids in _file_windows(fast):
             logits, _ = runner.forward(torch.tensor(ids), runner.new_cache(len(ids)))
@@ -414,8 +462,6 @@ def test_fast_prefill_stays_near_the_reference_and_is_deterministic(fast) -> Non
         settings = dict(max_len=8, temperature=1.0, rng_seed=5, return_attention=True)
         ids = _file_windows(fast)[1]
         assert tokens_of(fast, ids, **settings) == tokens_of(fast, ids, **settings)
-    finally:
-        runner.set_prefill(kernel_attention=True, mode="float32")
 
 
 def test_a_run_can_ask_for_its_prefill_by_name(fast) -> None:
@@ -435,20 +481,23 @@ def test_a_run_can_ask_for_its_prefill_by_name(fast) -> None:
             max_len=6, temperature=1.0, rng_seed=2, top_k=3, stop_at_eos=False, **extra)))
         return [e for e in events if isinstance(e, Token)], events[-1]
 
-    exact, exact_summary = run(long_ids)
+    plain, plain_summary = run(long_ids)  # the default: fixed16, which needs no note
+    assert runner.prefill_mode == "fixed16"
+    assert plain_summary.prefill == "fixed16" and not plain_summary.notes
+    exact, exact_summary = run(long_ids, prefill="float32")
     asked, summary = run(long_ids, prefill="fast")
-    assert runner.prefill_mode == "float32"
+    assert runner.prefill_mode == "fixed16"
     assert exact_summary.prefill == "float32" and not exact_summary.notes
     assert summary.prefill == "fast" and any(n.startswith("prefill fast:") for n in summary.notes)
     assert [t.raw_prob for t in asked] != [t.raw_prob for t in exact]
-    runner.set_prefill(kernel_attention=True, mode="fast")
-    try:
+    assert [t.raw_prob for t in plain] != [t.raw_prob for t in exact]
+    with prefill_as(runner, "fast"):
         by_default, default_summary = run(long_ids)
-        exact_again, _ = run(long_ids, prefill="float32")
-    finally:
-        runner.set_prefill(kernel_attention=True, mode="float32")
+    with prefill_as(runner, "float32"):
+        exact_by_default, _ = run(long_ids)
+        plain_again, _ = run(long_ids, prefill="fixed16")
     assert by_default == asked and default_summary == summary
-    assert exact_again == exact
+    assert exact_by_default == exact and plain_again == plain
     short, short_summary = run(long_ids[:20], prefill="fast")
     assert short_summary.prefill == "float32" and not short_summary.notes
     assert short == run(long_ids[:20])[0]

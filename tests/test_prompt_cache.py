@@ -268,7 +268,7 @@ def test_the_summary_says_whether_the_prefill_was_reused(engine, kept) -> None:
     settings = SampleSettings(max_len=2, stop_at_eos=False)
     summaries = [list(engine.start([TokenIdsPart(ids)], settings))[-1] for _ in range(2)]
     assert [s.prefill_reused for s in summaries] == [False, True]
-    assert summaries[1].prefill == summaries[0].prefill == "float32"
+    assert summaries[1].prefill == summaries[0].prefill == engine._fast.prefill_mode
 
 
 def test_runs_of_a_new_prompt_started_together_prefill_it_once(engine, kept, monkeypatch) -> None:
@@ -359,11 +359,12 @@ def test_a_prompt_sharing_a_kept_head_prefills_only_its_tail_exactly(engine, kep
 
 
 
-@pytest.mark.parametrize("mode", ["fixed16", "fast"])
-def test_an_inexact_prefill_reuses_a_shared_head_of_its_own_mode_exactly(engine, kept,
-                                                                         mode) -> None:
-    """In an inexact mode too, a tail after a kept head of the same mode equals that mode's
-    cold run bit for bit; a head kept in another mode is not used."""
+@pytest.mark.parametrize("mode", ["float32", "fast"])
+def test_a_named_prefill_reuses_a_shared_head_of_its_own_mode_exactly(engine, kept,
+                                                                      mode) -> None:
+    """In a mode asked for by name too, a tail after a kept head of the same mode equals that
+    mode's cold run bit for bit; a head kept in another mode (the default, fixed16) is not
+    used."""
     from sampler_core.engine import packed
 
     kernel = packed.kernel()
@@ -375,7 +376,7 @@ def test_an_inexact_prefill_reuses_a_shared_head_of_its_own_mode_exactly(engine,
     kept.resize(0)
     cold = run(engine, edited, rng_seed=6, prefill=mode, return_attention=True)
     kept.resize(10**9)
-    run(engine, head, rng_seed=6)  # kept in float32: another way, not used
+    run(engine, head, rng_seed=6)  # kept in the default mode: another way, not used
     assert run(engine, edited, rng_seed=6, prefill=mode, return_attention=True) == cold
     assert kept.shared_hits == 0
     kept.resize(0)

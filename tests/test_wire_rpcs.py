@@ -119,8 +119,8 @@ def test_client_speaks_every_rpc(wire_server) -> None:
 
 
 def test_prefill_travels_both_ways(wire_server, engine) -> None:
-    """A run asks for its prefill by name over the wire; the summary says what it got (an
-    exact prefill for a short prompt). A mode the server does not know, or cannot run (the
+    """A run asks for its prefill by name over the wire; the summary says what it got (the
+    default where none is named; float32 for a short prompt). A mode the server does not know, or cannot run (the
     fixed-point modes need the packed CPU path), is refused by name."""
     from sampler_core.engine import packed
 
@@ -139,9 +139,14 @@ def test_prefill_travels_both_ways(wire_server, engine) -> None:
         return next(r.summary for r in responses if r.WhichOneof("response") == "summary")
 
     long = summary_or_error(text=long_text, max_len=2, prefill="fixed16")
-    if runs_fixed16:
-        assert long.prefill == "fixed16" and any(n.startswith("prefill fixed16:")
-                                                 for n in long.notes)
+    if runs_fixed16:  # the default there: within 1e-3 of float32, so no note
+        assert long.prefill == "fixed16" and not long.notes
+        assert summary_or_error(text=long_text, max_len=2).prefill == "fixed16"
+        assert summary_or_error(text=long_text, max_len=2, prefill="float32").prefill == "float32"
+        if kernel.prefill_attention_bf16_supported():
+            fast = summary_or_error(text=long_text, max_len=2, prefill="fast")
+            assert fast.prefill == "fast" and any(n.startswith("prefill fast:")
+                                                  for n in fast.notes)
         assert summary_or_error(max_len=2, prefill="fixed16").prefill == "float32"
     else:
         assert long.code() == grpc.StatusCode.INVALID_ARGUMENT

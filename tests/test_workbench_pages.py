@@ -103,18 +103,28 @@ def test_invalid_values_show_the_message_by_the_widget(app, engine) -> None:
 
 def test_an_inexact_prefill_is_picked_by_name_and_labelled(app, engine) -> None:
     """The sidebar's prefill choice reaches the engine; the run is labelled as not exact in
-    its summary line and notes, and keeps the label in history."""
+    its summary line and notes, and keeps the label in history. The default (fixed16) is
+    labelled in the summary line only; float32 by name, not at all."""
     from sampler_core.engine import packed
 
     kernel = packed.kernel()
-    if kernel is None or not kernel.prefill_supported():
-        (pytest.fail if IN_CI else pytest.skip)("this CPU lacks AVX-512 VNNI (or the kernel)")
-    app.sidebar.selectbox(key="prefill_w").set_value("fixed16")
-    run = run_prompt(app, "The history of the printing press begins in the fifteenth "
-                     "century, when movable type changed how books were made. " * 3, max_len=2)
-    assert run.settings.prefill == "fixed16" and run.summary.prefill == "fixed16"
-    assert any("prefill fixed16 (not exact)" in c.value for c in app.caption)
-    assert any(w.value.startswith("prefill fixed16:") for w in app.warning)
+    if kernel is None or not (kernel.prefill_supported()
+                              and kernel.prefill_attention_bf16_supported()):
+        (pytest.fail if IN_CI else pytest.skip)("this CPU lacks AVX-512 VNNI or BF16")
+    text = ("The history of the printing press begins in the fifteenth century, when movable "
+            "type changed how books were made. " * 3)
+    run = run_prompt(app, text, max_len=2)
+    assert run.settings.prefill == "" and run.summary.prefill == "fixed16"
+    assert any("prefill fixed16 (within 1e-3 of float32)" in c.value for c in app.caption)
+    assert not app.warning
+    app.sidebar.selectbox(key="prefill_w").set_value("fast")
+    run = run_prompt(app, text, max_len=2)
+    assert run.settings.prefill == "fast" and run.summary.prefill == "fast"
+    assert any("prefill fast (not exact)" in c.value for c in app.caption)
+    assert any(w.value.startswith("prefill fast:") for w in app.warning)
+    app.sidebar.selectbox(key="prefill_w").set_value("float32")
+    run = run_prompt(app, text, max_len=2)
+    assert run.summary.prefill == "float32" and not app.warning
 
 
 def test_scored_prompt_tokens_in_table(app, engine) -> None:

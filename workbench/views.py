@@ -201,11 +201,15 @@ def attention_heatmap(generated: Sequence[Token], prompt_labels: Sequence[str], 
                    row_step, col_step)
 
 
+#: How each prefill mode that is not float32 arithmetic is labelled.
+_PREFILL_QUALIFIERS = {"fixed16": "within 1e-3 of float32"}
+
+
 def prefill_tag(summary: RunSummary | None) -> str:
-    """A run's label when its prompt's forward was not float32-exact (else empty)."""
+    """A run's label when its prompt's forward was not float32 arithmetic (else empty)."""
     if summary is None or summary.prefill in ("", "float32"):
         return ""
-    return f"prefill {summary.prefill} (not exact)"
+    return f"prefill {summary.prefill} ({_PREFILL_QUALIFIERS.get(summary.prefill, 'not exact')})"
 
 
 def reuse_tag(summary: RunSummary | None) -> str:

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from sampler_core.engine.attention import recorder_for
 from sampler_core.engine.base import Event, FairLock
 from sampler_core.engine.fast_llama import PACKED_MAX_STEPS, FastLlama, KVCache, supports
+from sampler_core.engine.heap import keep_freed_memory
 from sampler_core.engine.models import LoadedModel
 from sampler_core.engine.packed import packed_for
 from sampler_core.engine.processors import LogitsProcessor, argmax, build_chain, draw, top_ids
@@ -56,10 +57,10 @@ class Plan:
     prefill: str = "float32"
 
 
-#: What a run's notes say when its prompt's forward was not float32-exact.
+#: What a run's notes say when its prompt's forward may part from float32's answers. fixed16
+#: (the default where the CPU runs it) holds them, greedy tokens and probabilities within
+#: 1e-3: its runs name it in their summary's ``prefill`` only.
 INEXACT_PREFILL_NOTES = {
-    "fixed16": "prefill fixed16: the prompt's forward rounded activations to 16-bit fixed "
-               "point (faster, not exact: probabilities may differ from float32 by ~1e-3)",
     "fast": "prefill fast: the prompt's forward rounded activations to 8 bits and ran "
             "attention in bfloat16 (about twice as fast, not exact: probabilities may differ "
             "from float32 by ~0.1, and greedy runs may part from it)",
@@ -108,6 +109,8 @@ class CausalLMEngine:
         # from a GGUF file decodes from its packed blocks (same weights, a fifth of the bytes).
         self._fast = (FastLlama(self.model, packed_for(self.name, self.model))
                       if supports(self.model) else None)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a long prefill's layers reuse their temporaries (heap.py)
         #: Prefills kept for runs of the same prompt (the lean runner's caches only).
         self.prompt_cache = PromptCache(budget_from_env()) if self._fast is not None else None
         #: Decode steps of runs decoding at once, taken together on the packed CPU path.
@@ -263,9 +266,9 @@ class CausalLMEngine:
 
     def _prefill_mode(self, requested: str, prompt_length: int, notes: list[str]) -> str:
         """The run's prefill mode: the one asked for, else the engine's default. A mode this
-        engine cannot run is refused; an inexact one applies to prompts over
-        ``PACKED_MAX_STEPS`` tokens only, and is then noted, so the run carries its label into
-        history and comparisons."""
+        engine cannot run is refused; fixed16 and fast apply to prompts over
+        ``PACKED_MAX_STEPS`` tokens only, and the run carries its mode into history and
+        comparisons (``fast``, which may part from float32's answers, also in its notes)."""
         runner = self._fast
         mode = requested or (runner.prefill_mode if runner is not None else "float32")
         if mode == "float32":
@@ -279,7 +282,8 @@ class CausalLMEngine:
             raise InvalidSettings(str(exc), field="prefill", value=mode) from exc
         if prompt_length <= PACKED_MAX_STEPS:
             return "float32"
-        notes.append(INEXACT_PREFILL_NOTES[mode])
+        if mode in INEXACT_PREFILL_NOTES:
+            notes.append(INEXACT_PREFILL_NOTES[mode])
         return mode
 
     def start(self, parts: Sequence[PromptPart], settings: SampleSettings,

@@ -14,10 +14,11 @@ With packed weights (``packed.py``: a GGUF model's own Q4_1/Q8_0 blocks, bit for
 float32 weights) a decode step is one C call for the whole model (per layer: norm, q/k/v,
 rotary, cache write, attention with its weights, MLP; then the final norm and the output head)
 reading 97 MB instead of 538 (and up to four concurrent runs' steps are one call,
-``decode_many``); short prefills use the packed matmul, long ones a float32 product
-(oneDNN's, see ``onednn_linear``) on one layer's weights rebuilt at a time (or, opted into
-with ``PROMPT_IDE_PREFILL=fixed16`` or ``fast``, 16- or 8-bit fixed-point activations on
-VNNI, and for ``fast`` bfloat16 attention products: faster, not exact), and prefill
+``decode_many``); short prefills use the packed matmul, long ones by default 16-bit
+fixed-point activations times the Q4_1 blocks on VNNI (``fixed16``: the same greedy tokens as
+float32, probabilities within 1e-3), or by name a float32 product (oneDNN's, see
+``onednn_linear``) on one layer's weights rebuilt at a time (``float32``, exact arithmetic)
+or 8-bit activations and bfloat16 attention products (``fast``: not within 1e-3), and prefill
 attention is a float32 C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The
 model's float32 layer weights are then never read by the engine (nor fused), so they stay
 unloaded pages of the mapped safetensors file: the server's resident memory drops rather than
@@ -35,7 +36,7 @@ from __future__ import annotations
 import ctypes
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import cache
 from typing import Any, Callable, Sequence
 
 import torch
@@ -81,6 +82,20 @@ def _fuse(module: Any, names: tuple[str, ...]) -> torch.Tensor:
 
 
 DenseProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FixedPointProduct:
+    """A packed linear's long-prefill product with ``bits``-bit fixed-point activations
+    (``PackedLinear.prefill``), which takes the RMSNorm before it and the residual sum after
+    it into its own passes over the rows."""
+
+    linear: PackedLinear
+    bits: int
+
+    def __call__(self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear.prefill(x, self.bits, norm=norm, eps=eps, residual=residual)
 
 
 def _linear(x: torch.Tensor,
@@ -174,8 +189,9 @@ class FastLlama:
         self._kernel = packed_kernels.kernel() if packed is not None else None
         if self._kernel is None:
             self.packed = None
-        #: How long prefills run (``packed.PREFILL_MODES``): exact float32, or faster and
-        #: inexact when asked for (``PROMPT_IDE_PREFILL=fixed16`` or ``fast``).
+        #: How long prefills run (``packed.PREFILL_MODES``): ``fixed16`` where this runner and
+        #: CPU can (``packed.DEFAULT_PREFILL``), else float32; ``$PROMPT_IDE_PREFILL`` names
+        #: another.
         self.prefill_mode = "float32"
         #: Whether prefill attention runs in the kernel (float32, ~1.3x torch's fused one).
         self._prefill_attention = False
@@ -185,7 +201,7 @@ class FastLlama:
         #: memory, which a server that only ever sees short prompts need not pay.
         self.onednn_linears = self.embed.device.type == "cpu"
         if self.packed is not None:
-            # An inexact mode when asked for and this CPU runs it; else exact float32.
+            # The mode named (fixed16 by default) where this CPU and model run it; else float32.
             try:
                 self.set_prefill(kernel_attention=self.kernel_attention_available,
                                  mode=packed_kernels.prefill_mode())
@@ -263,6 +279,9 @@ class FastLlama:
         if mode != "float32" and (self.packed is None or not self._kernel.prefill_supported()):
             raise ValueError(f"{name} {mode!r} needs packed weights on a CPU with AVX-512 VNNI, "
                              f"which this engine does not have {where}; use float32")
+        if mode != "float32" and any(p.kind != 0 for layer in self.packed.layers for p in layer):
+            raise ValueError(f"{name} {mode!r} needs Q4_1 layer weights, and this model's GGUF "
+                             "file has others (Q8_0); use float32")
         if mode == "fast" and not (kernel_attention
                                    and self._kernel.prefill_attention_bf16_supported()):
             raise ValueError(f"{name} 'fast' needs the attention kernel and a CPU with AVX-512 "
@@ -362,7 +381,7 @@ class FastLlama:
                 w_qkv, w_o, w_gate_up, w_down = self._packed_weights(index, long, mode,
                                                                      last_row_only)
             # Attention block: q/k/v, rotary, cache write, attention (and the last row's weights).
-            qkv = _linear(self._norm(x, w_in), w_qkv, dense)
+            qkv = self._normed_product(x, w_in, w_qkv, dense)
             if last_row_only:
                 q = (self._split_heads_kernel if self._prefill_attention
                      else self._split_heads)(qkv, cache, index, start, cos, sin)
@@ -379,11 +398,27 @@ class FastLlama:
                 last = q[:, -1:].reshape(self.num_kv, self.group, self.head_dim)
                 rows[index] = torch.softmax(last @ cache.keys[index, :, :end].transpose(1, 2)
                                             * self.scale, dim=-1).reshape(self.num_heads, end)
-            x = x + _linear(out, w_o, dense)
+            x = self._plus_product(x, out, w_o, dense)
             # MLP block.
-            gate_up = _linear(self._norm(x, w_post), w_gate_up, dense)
-            x = x + _linear(self._silu_times(gate_up), w_down, dense)
+            gate_up = self._normed_product(x, w_post, w_gate_up, dense)
+            x = self._plus_product(x, self._silu_times(gate_up), w_down, dense)
         return x
+
+    def _normed_product(self, x: torch.Tensor, norm: torch.Tensor, weight: Any,
+                        dense: DenseProduct) -> torch.Tensor:
+        """The RMSNorm of ``x`` times ``weight``; a fixed-point product normalises the rows as
+        it rounds them (one pass less)."""
+        if isinstance(weight, FixedPointProduct):
+            return weight(x, norm=norm, eps=self.eps)
+        return _linear(self._norm(x, norm), weight, dense)
+
+    def _plus_product(self, x: torch.Tensor, a: torch.Tensor, weight: Any,
+                      dense: DenseProduct) -> torch.Tensor:
+        """``x + a @ weight.T``; a fixed-point product adds ``x`` as it stores (bit for bit the
+        same sum)."""
+        if isinstance(weight, FixedPointProduct):
+            return weight(a, residual=x)
+        return x + _linear(a, weight, dense)
 
     def _packed_weights(self, layer: int, long: bool, mode: str, last_row_only: bool
                         ) -> list[Any]:
@@ -398,7 +433,7 @@ class FastLlama:
         if not long:
             return parts
         wide, one_row = (parts[:1], parts[1:]) if last_row_only else (parts, [])
-        rebuilt = ([partial(p.prefill, bits=FIXED_BITS[mode]) for p in wide]
+        rebuilt = ([FixedPointProduct(p, FIXED_BITS[mode]) for p in wide]
                    if mode in FIXED_BITS
                    else [p.unpack(out) for p, out in zip(wide, self._unpacked)])
         return rebuilt + one_row

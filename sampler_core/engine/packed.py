@@ -23,9 +23,10 @@ scales sixteen at a time and rebuilds a Q4_1 block's 32 weights from a 16-entry 
 lane permutes. ``decode_step`` runs one whole decode step (every layer, the final norm and the
 output head) in one call; ``decode_batch`` runs up to four runs' steps in one, each on its own
 cache, reading the weights once for all (``step_batcher.py`` gathers them). Long prefills take ``prefill_attention.c`` (float32 causal
-attention) and ``prefill_ops.c``; when asked for by name (``prefill="fixed16"`` or ``"fast"``
-per run, or ``PROMPT_IDE_PREFILL``), ``prefill_kernel.c`` (16- or 8-bit fixed-point
-activations on VNNI; not exact).
+attention), ``prefill_ops.c`` and, by default where the CPU has AVX-512 VNNI,
+``prefill_kernel.c`` (16-bit fixed-point activations: the same greedy tokens as float32 and
+probabilities within 1e-3 of it, as measured by bench/decode.py; 8-bit for ``fast``, asked
+for by name).
 
 Nothing here is used when the kernel cannot be built (no compiler, no AVX-512) or the weights
 in the GGUF file do not reproduce the loaded model's bit for bit: the engine then runs float32.
@@ -48,12 +49,17 @@ from typing import Any
 import numpy as np
 import torch
 
-# How a long prefill runs: ``float32`` (exact: BLAS on weights rebuilt a layer at a time,
-# float32 attention); ``fixed16`` (activations in 16-bit fixed point on VNNI,
-# ``prefill_kernel.c``); ``fast`` (8-bit activations and bfloat16 attention products). The
-# last two are not exact, so they run only when asked for by name (``SampleSettings.prefill``
-# per run, or ``$PROMPT_IDE_PREFILL`` for the engine's default).
+# How a long prefill runs: ``float32`` (exact arithmetic: oneDNN's product on weights
+# rebuilt a layer at a time, float32 attention); ``fixed16`` (activations in 16-bit fixed
+# point on VNNI, ``prefill_kernel.c``; holds the same-answers rule, so it is the default where
+# the CPU runs it); ``fast`` (8-bit activations and bfloat16 attention products: greedy runs
+# part from float32's, so only by name). Per run ``SampleSettings.prefill``, for the engine
+# ``$PROMPT_IDE_PREFILL``.
 from sampler_core.settings import PREFILL_MODES
+
+#: The engine's prefill mode unless ``$PROMPT_IDE_PREFILL`` names one; where this runner or
+#: CPU cannot run it, float32.
+DEFAULT_PREFILL = "fixed16"
 
 Q4_1_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of nibbles (32 weights)
 Q8_0_BLOCK_BYTES = 34  # float16 d, 32 int8 weights
@@ -148,7 +154,8 @@ def load_kernel(sources: tuple[Path, ...] = _SOURCES) -> Any:
     lib.prefill_scratch_bytes.restype = ctypes.c_size_t
     lib.prefill_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
     lib.prefill_matmul.restype = None
     lib.prefill_attention.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
                                       + [ctypes.c_float] + [ctypes.c_void_p] * 2
@@ -217,24 +224,37 @@ class PackedLinear:
                            y.data_ptr())
         return y
 
-    def prefill(self, x: torch.Tensor, bits: int = 16) -> torch.Tensor:
-        """``x @ w.T`` with ``x`` rounded to ``bits`` (16 or 8) bit fixed point per block of 32
-        (``prefill_kernel.c``; the ``fixed16`` and ``fast`` prefill modes), Q4_1 only.
-        16 bits: ~1.6x BLAS's float32 rate on a long prefill, outputs within ~1e-4 of the
-        largest; 8 bits: faster still, within ~1e-2."""
+    def prefill(self, x: torch.Tensor, bits: int = 16, *, norm: torch.Tensor | None = None,
+                eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual + norm(x) @ w.T`` with ``norm(x)`` rounded to ``bits`` (16 or 8) bit fixed
+        point per block of 32 (``prefill_kernel.c``; the ``fixed16`` and ``fast`` prefill
+        modes), Q4_1 only. 16 bits: ~1.6x BLAS's float32 rate on a long prefill, outputs
+        within ~1e-4 of the largest; 8 bits: faster still, within ~1e-2. ``norm``: RMSNorm
+        weights (``[in_features]``, with ``eps``) applied to each row as it is rounded;
+        ``residual``: ``[rows, out_features]`` added to the products as they are stored (bit
+        for bit ``residual + prefill(x)``). Each saves a pass over the rows."""
         if self.kind != 0:
             raise ValueError(f"the fixed-point prefill takes Q4_1 weights, not kind {self.kind}")
         if bits not in (16, 8):
             raise ValueError(f"bits must be 16 or 8, got {bits!r}")
         x = x.contiguous()
         rows = x.shape[0]
+        if norm is not None and norm.shape != (self.in_features,):
+            raise ValueError(f"norm must have shape ({self.in_features},), got {tuple(norm.shape)}")
+        if residual is not None:
+            if residual.shape != (rows, self.out_features):
+                raise ValueError(f"residual must have shape ({rows}, {self.out_features}), got "
+                                 f"{tuple(residual.shape)}")
+            residual = residual.contiguous()
         y = torch.empty(rows, self.out_features)
         scratch = torch.empty(_lib.prefill_scratch_bytes(rows, self.in_features,
                                                          self.out_features, bits),
                               dtype=torch.uint8)
         _lib.prefill_matmul(x.data_ptr(), rows, self.in_features, self.quants.data_ptr(),
                             self.scales.data_ptr(), self.out_features, y.data_ptr(),
-                            scratch.data_ptr(), bits)
+                            scratch.data_ptr(), bits,
+                            None if norm is None else norm.contiguous().data_ptr(), eps,
+                            None if residual is None else residual.data_ptr())
         return y
 
     def unpack(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -485,16 +505,19 @@ def weights_mode() -> str:
 
 
 def prefill_mode() -> str:
-    """``$PROMPT_IDE_PREFILL``: ``float32`` (default, exact arithmetic), ``fixed16`` or ``fast``.
+    """``$PROMPT_IDE_PREFILL``: ``fixed16`` (default), ``float32`` (exact arithmetic) or
+    ``fast``.
 
-    Both others change how prompts over ``PACKED_MAX_STEPS`` positions are computed, and so
-    the answers; ``bench/decode.py`` prints how much. ``fixed16`` rounds activations to 16-bit
-    fixed point per block of 32 (linears ~1.6x faster; on 400-token prompts probabilities
-    moved by up to ~4e-4, attention weights ~1e-3). ``fast`` rounds them to 8 bits and runs
-    attention's products in bfloat16, like llama.cpp's Q8 activations (time to first token
-    about half of float32's; larger deviations).
+    They differ in how prompts over ``PACKED_MAX_STEPS`` positions are computed, and so in the
+    answers; ``bench/decode.py`` prints how much. ``fixed16`` rounds activations to 16-bit
+    fixed point per block of 32 (linears ~1.6x faster than float32's; on ten 400-token prompts
+    the same 128 greedy tokens as float32, probabilities within 6.4e-4 and attention weights
+    within 7e-4). ``fast`` rounds them to 8 bits and runs attention's products in bfloat16,
+    like llama.cpp's Q8 activations (time to first token under half of float32's; greedy runs
+    part from float32's).
     """
-    mode = os.environ.get("PROMPT_IDE_PREFILL", "float32").strip().lower() or "float32"
+    mode = (os.environ.get("PROMPT_IDE_PREFILL", DEFAULT_PREFILL).strip().lower()
+            or DEFAULT_PREFILL)
     if mode not in PREFILL_MODES:
         raise ValueError(f"PROMPT_IDE_PREFILL must be one of {', '.join(PREFILL_MODES)}, "
                          f"got {mode!r}")

@@ -18,6 +18,10 @@
  * keeps 1/256 of each value). Its effect on the default model is measured by
  * bench/decode.py (``deviation_from_float32``) and held by tests/test_fast_path.py.
  *
+ * The RMSNorm before a product (q/k/v, gate/up) is applied to each row as it is rounded, and
+ * the residual sum after one (output, down) as its results are stored: a pass over the rows
+ * less each, and the sum is bit for bit the one torch would add.
+ *
  * Layouts. Activations: int16 [M, K] with s and sum(x_i) per (row, block), floats [M, K/32].
  * Weights are rearranged on each call (N*K work against the product's M*N*K) into panels of
  * 16 output rows; per (panel, block): 16 vectors, lane i of vector J holding q[row i][2J] and
@@ -25,6 +29,8 @@
  * thread in a fixed order, so results do not depend on the number of threads.
  */
 #include <immintrin.h>
+#include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "kernel_common.h"
@@ -61,20 +67,40 @@ size_t prefill_scratch_bytes(int M, int K, int N, int bits) {
 
 typedef struct {
     const float* x;
+    const float* norm; /* RMSNorm weights [K] to apply to each row first, or NULL */
+    float eps;
     int M, K, rows_per_chunk, bits;
     void* a;
     float *s, *sums;
 } quantize_job;
+
+/* 1 / sqrt(mean(x^2) + eps) of a row of K (a multiple of 32) floats, in float32 as
+ * LlamaRMSNorm computes it (the sum's order differs from torch's). */
+VNNI static float inverse_rms(const float* x, int K, float eps) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    for (int k = 0; k < K; k += 32) {
+        const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        s0 = _mm512_fmadd_ps(x0, x0, s0);
+        s1 = _mm512_fmadd_ps(x1, x1, s1);
+    }
+    return 1.0f / sqrtf(_mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / (float)K + eps);
+}
 
 VNNI static void quantize_chunk(const void* job, int c) {
     const quantize_job* j = job;
     const int blocks = j->K / 32;
     const float largest = j->bits == 16 ? 32767.0f : 127.0f;
     const int r1 = (c + 1) * j->rows_per_chunk < j->M ? (c + 1) * j->rows_per_chunk : j->M;
-    for (int r = c * j->rows_per_chunk; r < r1; r++)
+    for (int r = c * j->rows_per_chunk; r < r1; r++) {
+        /* With a norm, each value is w * (x * inverse rms), as LlamaRMSNorm rounds it. */
+        const __m512 inv_rms = _mm512_set1_ps(j->norm ? inverse_rms(j->x + (size_t)r * j->K, j->K, j->eps) : 1.0f);
         for (int b = 0; b < blocks; b++) {
             const size_t at = (size_t)r * j->K + b * 32;
-            const __m512 x0 = _mm512_loadu_ps(j->x + at), x1 = _mm512_loadu_ps(j->x + at + 16);
+            __m512 x0 = _mm512_loadu_ps(j->x + at), x1 = _mm512_loadu_ps(j->x + at + 16);
+            if (j->norm) {
+                x0 = _mm512_mul_ps(_mm512_loadu_ps(j->norm + b * 32), _mm512_mul_ps(x0, inv_rms));
+                x1 = _mm512_mul_ps(_mm512_loadu_ps(j->norm + b * 32 + 16), _mm512_mul_ps(x1, inv_rms));
+            }
             const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
             const __m512 inv = _mm512_set1_ps(top > 0.0f ? largest / top : 0.0f);
             /* |x * inv| <= largest (+ a rounding), so the conversion stays in range. */
@@ -92,6 +118,7 @@ VNNI static void quantize_chunk(const void* job, int c) {
             j->s[(size_t)r * blocks + b] = top / largest;
             j->sums[(size_t)r * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
         }
+    }
 }
 
 /* ----- weights: Q4_1 rows into panels of 16 ----------------------------------------------- */
@@ -168,7 +195,7 @@ VNNI static inline __attribute__((always_inline)) __m512i dot_word(__m512i acc, 
  * a named variable: in arrays GCC spilled some to the stack every block (5-12% slower). */
 VNNI static inline __attribute__((always_inline)) void panel_rows(
     const void* a, const float* s, const float* sums, const int R, const int BITS, int K,
-    const uint8_t* panel, float* y, int ldy, int cols) {
+    const uint8_t* panel, const float* residual, float* y, int ldy, int cols) {
     const int blocks = K / 32, vectors = block_vectors(BITS), bytes = panel_block_bytes(BITS);
     const int row[4] = {0, R > 1 ? 1 : 0, R > 2 ? 2 : R - 1, R > 3 ? 3 : R - 1};
     __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0, g0 = f0, g1 = f0, g2 = f0, g3 = f0;
@@ -190,17 +217,19 @@ VNNI static inline __attribute__((always_inline)) void panel_rows(
     const __mmask16 keep = cols >= PANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
     const __m512 out[4] = {_mm512_add_ps(f0, g0), _mm512_add_ps(f1, g1), _mm512_add_ps(f2, g2),
                            _mm512_add_ps(f3, g3)};
-    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)r * ldy, keep, out[r]);
+    for (int r = 0; r < R; r++) /* + the residual: what adding it after the product gives */
+        _mm512_mask_storeu_ps(y + (size_t)r * ldy, keep, residual == NULL ? out[r] : _mm512_add_ps(
+            _mm512_maskz_loadu_ps(keep, residual + (size_t)r * ldy), out[r]));
 }
 
 /* panel_rows with BITS (16 or 8) made a constant. */
 VNNI static void panel_rows_any(const void* a, const float* s, const float* sums, int rows,
-                                int bits, int K, const uint8_t* panel, float* y, int ldy,
-                                int cols) {
+                                int bits, int K, const uint8_t* panel, const float* residual,
+                                float* y, int ldy, int cols) {
     if (bits == 16)
-        panel_rows(a, s, sums, rows, 16, K, panel, y, ldy, cols);
+        panel_rows(a, s, sums, rows, 16, K, panel, residual, y, ldy, cols);
     else
-        panel_rows(a, s, sums, rows, 8, K, panel, y, ldy, cols);
+        panel_rows(a, s, sums, rows, 8, K, panel, residual, y, ldy, cols);
 }
 
 typedef struct {
@@ -208,6 +237,7 @@ typedef struct {
     const float *s, *sums;
     int M, K, N, rows_per_chunk, bits;
     const uint8_t* panels;
+    const float* residual; /* [M, N] added to the products, or NULL */
     float* y;
 } product_job;
 
@@ -224,15 +254,21 @@ VNNI static void product_chunk(const void* job, int c) {
         for (int r = r0; r < r1; r += ROWS)
             panel_rows_any(j->a + (size_t)r * j->K * (j->bits / 8), j->s + (size_t)r * blocks,
                            j->sums + (size_t)r * blocks, r1 - r < ROWS ? r1 - r : ROWS, j->bits,
-                           j->K, panel, j->y + (size_t)r * j->N + p * PANEL, j->N, cols);
+                           j->K, panel,
+                           j->residual ? j->residual + (size_t)r * j->N + p * PANEL : NULL,
+                           j->y + (size_t)r * j->N + p * PANEL, j->N, cols);
     }
 }
 
-/* y[M, N] ~= x[M, K] @ W[N, K]^T for Q4_1 W (quants q, scales s as packed_kernel.c lays them
- * out), x rounded to ``bits`` (16 or 8) bit fixed point per block of 32 as above. ``scratch``
- * holds prefill_scratch_bytes(M, K, N, bits) bytes. K must be a multiple of 32. */
+/* y[M, N] ~= residual + norm(x[M, K]) @ W[N, K]^T for Q4_1 W (quants q, scales s as
+ * packed_kernel.c lays them out), norm(x) rounded to ``bits`` (16 or 8) bit fixed point per
+ * block of 32 as above. ``norm``: RMSNorm weights [K] (with ``eps``) or NULL for x itself;
+ * ``residual``: [M, N] or NULL for none (the two save a pass over the rows each, and the
+ * residual's sum is the one adding it after the product gives). ``scratch`` holds
+ * prefill_scratch_bytes(M, K, N, bits) bytes. K must be a multiple of 32. */
 void prefill_matmul(const float* x, int M, int K, const uint8_t* q, const uint16_t* s, int N,
-                    float* y, void* scratch, int bits) {
+                    float* y, void* scratch, int bits, const float* norm, float eps,
+                    const float* residual) {
     const int blocks = K / 32, threads = pool_size();
     uint8_t* panels = (uint8_t*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     uint8_t* a = panels + panels_bytes(N, K, bits);
@@ -242,10 +278,10 @@ void prefill_matmul(const float* x, int M, int K, const uint8_t* q, const uint16
     const panels_job weights = {q, s, N, K, bits, panels};
     parallel(panels_chunk, &weights, (N + PANEL - 1) / PANEL);
     int rows = (M + 4 * threads - 1) / (4 * threads);
-    const quantize_job activations = {x, M, K, rows, bits, a, scale, sums};
+    const quantize_job activations = {x, norm, eps, M, K, rows, bits, a, scale, sums};
     parallel(quantize_chunk, &activations, (M + rows - 1) / rows);
     /* About four chunks a thread, whole multiples of ROWS rows. */
     rows = (rows + ROWS - 1) / ROWS * ROWS;
-    const product_job product = {a, scale, sums, M, K, N, rows, bits, panels, y};
+    const product_job product = {a, scale, sums, M, K, N, rows, bits, panels, residual, y};
     parallel(product_chunk, &product, (M + rows - 1) / rows);
 }

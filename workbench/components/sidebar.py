@@ -126,9 +126,11 @@ def render() -> Sidebar:
         values["prefill"] = st.selectbox(
             "Prompt forward (prefill)", forms.PREFILL_CHOICES, key=state.PREFILL_W,
             format_func=forms.prefill_label,
-            help="How a prompt over 32 tokens is computed on the CPU's packed weights. float32 "
-                 "is exact; fixed16 and fast round the activations (fast also runs attention "
-                 "in bfloat16) for a quicker first token, and their runs are labelled.")
+            help="How a prompt over 32 tokens is computed on the CPU's packed weights. The "
+                 "default, fixed16, rounds activations to 16-bit fixed point: the same greedy "
+                 "tokens as float32, probabilities within 1e-3. float32 is exact arithmetic, "
+                 "slower; fast rounds to 8 bits and runs attention in bfloat16. Runs not in "
+                 "float32 are labelled.")
         bar.slots["prefill"] = st.empty()
         try:
             bar.settings = build_settings(values)
