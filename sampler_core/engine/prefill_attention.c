@@ -2,12 +2,18 @@
  *
  * torch's fused CPU attention reaches about 60% of this machine's float32 rate on a causal
  * 2,000-position prefill (the non-causal one runs faster per product). Here each chunk takes
- * 32 query positions of one head; four positions at a time it walks the keys up to the last
- * one they may see, 64 keys a step: scores by 16-lane FMAs against keys transposed once per
- * call (so lanes run along keys, 64 at a time), masked past each position's own, then the
- * running maximum, the exponentials and the running sum, and the exponential-weighted values
- * added into the output. Chunks are claimed longest first, so the threads finish together. Each output is
- * summed by one thread in a fixed order: results do not depend on the number of threads.
+ * 32 query positions of one head, 16 at a time, one position a lane (``query_lanes``), and
+ * walks the keys up to the last one they may see, 64 keys a step: a key's scores for the 16
+ * positions are one FMA a dimension with the key's element broadcast inside the instruction,
+ * masked past each position's own; then the running maxima, the exponentials and the running
+ * sums, all down the lanes; and the exponential-weighted values added into the outputs, a
+ * value element broadcast the same way. Keys and values are read as the cache holds them.
+ * (Lanes along keys, four positions at a time, needed a separate broadcast for every four
+ * FMAs, the keys transposed on every call, and reductions across lanes each step: 7% slower
+ * at 2,000 positions; the ``fast`` variant below still runs that way.) Chunks are claimed
+ * longest first, so the threads finish together. Each output is summed by one thread in a
+ * fixed order, the same whatever positions share its vector: results do not depend on the
+ * number of threads, nor on which positions a call computes.
  *
  * The arithmetic is float32 throughout: only the order of the sums (and exp16's last bit)
  * differ from the reference's softmax(q k^T * scale) v. The opt-in ``fast`` prefill instead
@@ -22,14 +28,13 @@
 
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,fma")))
 
-enum { QUERY_BLOCK = 32, KEY_STEP = 64, Q_ROWS = 4, MAX_DIM = 256 };
+enum { QUERY_BLOCK = 32, KEY_STEP = 64, Q_ROWS = 4, LANES = 16, MAX_DIM = 256 };
 
 typedef struct {
     const float* q;      /* [heads, steps, dim], rotated */
     const float* keys;   /* [kv_heads, capacity, dim] */
     const float* values; /* [kv_heads, capacity, dim] */
-    float* kt;           /* [kv_heads, key steps, dim, KEY_STEP]: the keys transposed by step */
-    /* bfloat16 (when ``bf16``), pairs of neighbours side by side for VDPBF16PS: */
+    /* For ``bf16``, in bfloat16, pairs of neighbours side by side for VDPBF16PS: */
     uint16_t* kt16;      /* [kv_heads, key steps, dim / 2, KEY_STEP, 2]: (k[d], k[d + 1]) */
     uint16_t* vt16;      /* [kv_heads, key steps, KEY_STEP / 2, dim, 2]: (v[t][x], v[t + 1][x]) */
     uint16_t* q16;       /* [heads, steps, dim] */
@@ -46,7 +51,7 @@ static inline uint16_t to_bf16(float x) {
 
 static inline int key_steps(int context) { return (context + KEY_STEP - 1) / KEY_STEP; }
 
-/* Floats of scratch prefill_attention needs (either way). */
+/* Floats of scratch prefill_attention needs (only the bfloat16 variant uses it). */
 size_t prefill_attention_scratch_floats(int heads, int kv_heads, int dim, int start, int steps) {
     return (size_t)kv_heads * key_steps(start + steps) * dim * KEY_STEP
            + ((size_t)heads * steps * dim + 1) / 2;
@@ -58,38 +63,26 @@ int prefill_attention_bf16_supported(void) {
     return __builtin_cpu_supports("avx512bf16") != 0;
 }
 
-/* The largest head this kernel takes (a stack buffer holds four output rows). */
+/* The largest head this kernel takes (stack buffers hold a chunk's queries and outputs). */
 int prefill_attention_max_dim(void) { return MAX_DIM; }
 
-/* Chunk c: step c % steps of 64 keys of kv head c / steps, as [dim, 64] (zeros past the
- * context): a step's scores then read one contiguous run (strided rows thrashed L1). With
- * bf16, the keys as [dim / 2, 64, 2] and the step's values as [32, dim, 2] instead. */
+/* Chunk c (bfloat16 only): step c % steps of 64 keys of kv head c / steps in bfloat16, the
+ * keys as [dim / 2, 64, 2] and the values as [32, dim, 2] (zeros past the context): a step's
+ * products then read contiguous runs, lanes along keys for the scores. */
 static void transpose_keys(const void* job, int c) {
     const prefill_attention_job* j = job;
     const int kv = c / key_steps(j->context), step = c % key_steps(j->context);
     const float* k = j->keys + (size_t)kv * j->capacity * j->dim;
-    float* kt = j->kt + (size_t)kv * key_steps(j->context) * j->dim * KEY_STEP;
-    if (j->bf16) {
-        const size_t at = ((size_t)kv * key_steps(j->context) + step) * j->dim * KEY_STEP;
-        uint16_t *block = j->kt16 + at, *values = j->vt16 + at;
-        const float* v = j->values + (size_t)kv * j->capacity * j->dim;
-        for (int t = 0; t < KEY_STEP; t++) {
-            const int key = step * KEY_STEP + t;
-            for (int d = 0; d < j->dim; d++) {
-                const int inside = key < j->context;
-                const size_t from = (size_t)key * j->dim + d;
-                block[((d / 2) * KEY_STEP + t) * 2 + d % 2] = inside ? to_bf16(k[from]) : 0;
-                values[((t / 2) * j->dim + d) * 2 + t % 2] = inside ? to_bf16(v[from]) : 0;
-            }
-        }
-        return;
-    }
-    {
-        float* block = kt + (size_t)step * j->dim * KEY_STEP;
-        for (int t = 0; t < KEY_STEP; t++) {
-            const int key = step * KEY_STEP + t;
-            for (int d = 0; d < j->dim; d++)
-                block[d * KEY_STEP + t] = key < j->context ? k[(size_t)key * j->dim + d] : 0.0f;
+    const float* v = j->values + (size_t)kv * j->capacity * j->dim;
+    const size_t at = ((size_t)kv * key_steps(j->context) + step) * j->dim * KEY_STEP;
+    uint16_t *block = j->kt16 + at, *values = j->vt16 + at;
+    for (int t = 0; t < KEY_STEP; t++) {
+        const int key = step * KEY_STEP + t;
+        for (int d = 0; d < j->dim; d++) {
+            const int inside = key < j->context;
+            const size_t from = (size_t)key * j->dim + d;
+            block[((d / 2) * KEY_STEP + t) * 2 + d % 2] = inside ? to_bf16(k[from]) : 0;
+            values[((t / 2) * j->dim + d) * 2 + t % 2] = inside ? to_bf16(v[from]) : 0;
         }
     }
 }
@@ -101,20 +94,17 @@ static void convert_queries(const void* job, int h) {
     for (size_t i = 0; i < n; i++) j->q16[at + i] = to_bf16(j->q[at + i]);
 }
 
-/* R query positions (i0 .. i0 + R - 1 of the prompt) of head h, in float32 or (USE_BF16)
- * bfloat16 products; R and USE_BF16 are constants where inlined. */
+/* R query positions (i0 .. i0 + R - 1 of the prompt) of head h in bfloat16 products, lanes
+ * along keys; R is a constant where inlined. */
 BF16 static inline __attribute__((always_inline)) void query_rows(
-    const prefill_attention_job* j, int h, int i0, const int R, const int USE_BF16) {
+    const prefill_attention_job* j, int h, int i0, const int R) {
     const int dim = j->dim, kv = h / j->group, vectors = dim / 16;
-    const float* kt = j->kt + (size_t)kv * key_steps(j->context) * dim * KEY_STEP;
-    const float* v = j->values + (size_t)kv * j->capacity * dim;
-    const float* q = j->q + ((size_t)h * j->steps + i0) * dim;
     const size_t step_size = (size_t)dim * KEY_STEP; /* elements of one step of kt16 or vt16 */
     const uint16_t* kt16 = j->kt16 + (size_t)kv * key_steps(j->context) * step_size;
     const uint16_t* vt16 = j->vt16 + (size_t)kv * key_steps(j->context) * step_size;
     const uint16_t* q16 = j->q16 + ((size_t)h * j->steps + i0) * dim;
-    float o[Q_ROWS][MAX_DIM], p[Q_ROWS][KEY_STEP], top[Q_ROWS], total[Q_ROWS];
-    uint16_t p16[Q_ROWS][KEY_STEP]; /* p in bfloat16, for USE_BF16 */
+    float o[Q_ROWS][MAX_DIM], top[Q_ROWS], total[Q_ROWS];
+    uint16_t p16[Q_ROWS][KEY_STEP]; /* the step's weights in bfloat16 */
     for (int r = 0; r < R; r++) {
         top[r] = -INFINITY;
         total[r] = 0.0f;
@@ -126,28 +116,17 @@ BF16 static inline __attribute__((always_inline)) void query_rows(
         __m512 s[Q_ROWS][KEY_STEP / 16];
         for (int r = 0; r < R; r++)
             for (int c = 0; c < KEY_STEP / 16; c++) s[r][c] = _mm512_setzero_ps();
-        if (USE_BF16) /* a pair of dimensions a product, lanes along keys */
-            for (int d = 0; d < dim; d += 2) {
-                const uint16_t* row = kt16 + (size_t)(k0 / KEY_STEP) * step_size + d * KEY_STEP;
-                __m512bh keys[KEY_STEP / 16];
-                for (int c = 0; c < KEY_STEP / 16; c++)
-                    keys[c] = (__m512bh)_mm512_loadu_si512(row + 32 * c);
-                for (int r = 0; r < R; r++) {
-                    const __m512bh qd = (__m512bh)_mm512_set1_epi32(
-                        *(const int32_t*)(q16 + (size_t)r * dim + d));
-                    for (int c = 0; c < KEY_STEP / 16; c++) s[r][c] = _mm512_dpbf16_ps(s[r][c], qd, keys[c]);
-                }
+        for (int d = 0; d < dim; d += 2) { /* a pair of dimensions a product */
+            const uint16_t* row = kt16 + (size_t)(k0 / KEY_STEP) * step_size + d * KEY_STEP;
+            __m512bh keys[KEY_STEP / 16];
+            for (int c = 0; c < KEY_STEP / 16; c++)
+                keys[c] = (__m512bh)_mm512_loadu_si512(row + 32 * c);
+            for (int r = 0; r < R; r++) {
+                const __m512bh qd = (__m512bh)_mm512_set1_epi32(
+                    *(const int32_t*)(q16 + (size_t)r * dim + d));
+                for (int c = 0; c < KEY_STEP / 16; c++) s[r][c] = _mm512_dpbf16_ps(s[r][c], qd, keys[c]);
             }
-        else
-            for (int d = 0; d < dim; d++) {
-                const float* row = kt + ((size_t)k0 * dim + d * KEY_STEP);
-                __m512 keys[KEY_STEP / 16];
-                for (int c = 0; c < KEY_STEP / 16; c++) keys[c] = _mm512_loadu_ps(row + 16 * c);
-                for (int r = 0; r < R; r++) {
-                    const __m512 qd = _mm512_set1_ps(q[(size_t)r * dim + d]);
-                    for (int c = 0; c < KEY_STEP / 16; c++) s[r][c] = _mm512_fmadd_ps(qd, keys[c], s[r][c]);
-                }
-            }
+        }
         /* Mask keys past each row's position; update its maximum, sum and output scale. The
          * scale is applied inside the exponential's argument (fmsub): for a power of two it
          * is exact, so this equals scaling the scores first. */
@@ -162,10 +141,8 @@ BF16 static inline __attribute__((always_inline)) void query_rows(
                 most = _mm512_mask_max_ps(most, valid[c], most, s[r][c]);
             }
             if (!valid[0]) { /* nothing to see in this step (a later row's keys) */
-                for (int c = 0; c < KEY_STEP / 16; c++) _mm512_storeu_ps(p[r] + 16 * c, _mm512_setzero_ps());
-                if (USE_BF16)
-                    for (int c = 0; c < KEY_STEP / 16; c++)
-                        _mm256_storeu_si256((__m256i*)(p16[r] + 16 * c), _mm256_setzero_si256());
+                for (int c = 0; c < KEY_STEP / 16; c++)
+                    _mm256_storeu_si256((__m256i*)(p16[r] + 16 * c), _mm256_setzero_si256());
                 continue;
             }
             const float step_top = _mm512_reduce_max_ps(most) * j->scale;
@@ -177,8 +154,7 @@ BF16 static inline __attribute__((always_inline)) void query_rows(
             for (int c = 0; c < KEY_STEP / 16; c++) {
                 const __m512 e = _mm512_maskz_mov_ps(valid[c], exp16(_mm512_fmsub_ps(s[r][c], scale, shift)));
                 sum = _mm512_add_ps(sum, e);
-                _mm512_storeu_ps(p[r] + 16 * c, e);
-                if (USE_BF16) _mm256_storeu_si256((__m256i*)(p16[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(e));
+                _mm256_storeu_si256((__m256i*)(p16[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(e));
             }
             total[r] = total[r] * rescale + _mm512_reduce_add_ps(sum);
             top[r] = new_top;
@@ -193,28 +169,16 @@ BF16 static inline __attribute__((always_inline)) void query_rows(
             for (int r = 0; r < R; r++)
                 for (int x = 0; x < 4; x++)
                     acc[r][x] = x < n ? _mm512_loadu_ps(o[r] + 16 * (x0 + x)) : _mm512_setzero_ps();
-            if (USE_BF16) /* a pair of keys a product, lanes along dimensions */
-                for (int t = k0; t < k1; t += 2) {
-                    const uint16_t* vt = vt16 + (size_t)(k0 / KEY_STEP) * step_size
-                                         + ((size_t)(t - k0) / 2 * dim + 16 * x0) * 2;
-                    __m512bh value[4];
-                    for (int x = 0; x < 4; x++)
-                        value[x] = (__m512bh)(x < n ? _mm512_loadu_si512(vt + 32 * x) : _mm512_setzero_si512());
-                    for (int r = 0; r < R; r++) {
-                        const __m512bh weight = (__m512bh)_mm512_set1_epi32(
-                            *(const int32_t*)(p16[r] + (t - k0)));
-                        for (int x = 0; x < 4; x++) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], weight, value[x]);
-                    }
-                }
-            else
-            for (int t = k0; t < k1; t++) {
-                const float* vt = v + (size_t)t * dim + 16 * x0;
-                __m512 value[4];
+            for (int t = k0; t < k1; t += 2) { /* a pair of keys a product, lanes along dimensions */
+                const uint16_t* vt = vt16 + (size_t)(k0 / KEY_STEP) * step_size
+                                     + ((size_t)(t - k0) / 2 * dim + 16 * x0) * 2;
+                __m512bh value[4];
                 for (int x = 0; x < 4; x++)
-                    value[x] = x < n ? _mm512_loadu_ps(vt + 16 * x) : _mm512_setzero_ps();
+                    value[x] = (__m512bh)(x < n ? _mm512_loadu_si512(vt + 32 * x) : _mm512_setzero_si512());
                 for (int r = 0; r < R; r++) {
-                    const __m512 weight = _mm512_set1_ps(p[r][t - k0]);
-                    for (int x = 0; x < 4; x++) acc[r][x] = _mm512_fmadd_ps(weight, value[x], acc[r][x]);
+                    const __m512bh weight = (__m512bh)_mm512_set1_epi32(
+                        *(const int32_t*)(p16[r] + (t - k0)));
+                    for (int x = 0; x < 4; x++) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], weight, value[x]);
                 }
             }
             for (int r = 0; r < R; r++)
@@ -230,21 +194,122 @@ BF16 static inline __attribute__((always_inline)) void query_rows(
     }
 }
 
+/* LANES query positions (i0 .. i0 + R - 1, R <= LANES) of head h in float32, one position a
+ * lane: the scores of a key for all of them are one FMA per dimension, with the key's element
+ * broadcast from memory inside it, and the softmax's maximum and sums run down the lanes (no
+ * reductions across them). Keys and values are read as the cache holds them. Each lane does
+ * a position's arithmetic in the same order whatever positions share the vector. */
+static inline __attribute__((always_inline)) void query_lanes(
+    const prefill_attention_job* j, int h, int i0, int R, const int dim) {
+    const int kv = h / j->group;
+    const float* k = j->keys + (size_t)kv * j->capacity * dim;
+    const float* v = j->values + (size_t)kv * j->capacity * dim;
+    const float* q = j->q + ((size_t)h * j->steps + i0) * dim;
+    float qt[MAX_DIM][LANES] __attribute__((aligned(64))); /* queries, a dimension a row */
+    float ot[MAX_DIM][LANES] __attribute__((aligned(64))); /* outputs, the same way */
+    float p[KEY_STEP][LANES] __attribute__((aligned(64)));  /* a step's scores, then weights */
+    float tail[16 * MAX_DIM];                                /* a step's last keys, padded */
+    const __mmask16 rows = (__mmask16)((1u << R) - 1);
+    const __m512i row_at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(dim)); /* lane r: q + r * dim */
+    for (int d = 0; d < dim; d++) {
+        _mm512_store_ps(qt[d], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, row_at, q + d, 4));
+        _mm512_store_ps(ot[d], _mm512_setzero_ps());
+    }
+    const int first = j->start + i0; /* lane r's position is first + r */
+    const int last = first + R - 1;  /* the last key any of them sees */
+    const __m512 scale = _mm512_set1_ps(j->scale);
+    __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+    for (int k0 = 0; k0 <= last; k0 += KEY_STEP) {
+        const int n = last + 1 - k0 < KEY_STEP ? last + 1 - k0 : KEY_STEP; /* keys this step */
+        /* Scores, 16 keys at a time: s[t] += q[d] (lanes) * k[t][d] (broadcast). */
+        for (int t0 = 0; t0 < n; t0 += 16) {
+            __m512 s[16];
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; t++) s[t] = _mm512_setzero_ps();
+            const float* kr = k + (size_t)(k0 + t0) * dim;
+            if (n - t0 < 16) { /* the last keys: copied beside zeros (the cache may end here) */
+                for (int t = 0; t < 16; t++)
+                    for (int d = 0; d < dim; d++) tail[t * dim + d] = t < n - t0 ? kr[(size_t)t * dim + d] : 0.0f;
+                kr = tail;
+            }
+            for (int d = 0; d < dim; d++) {
+                const __m512 qd = _mm512_load_ps(qt[d]);
+#pragma GCC unroll 16
+                for (int t = 0; t < 16; t++)
+                    s[t] = _mm512_fmadd_ps(qd, _mm512_set1_ps(kr[t * dim + d]), s[t]);
+            }
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; t++) _mm512_store_ps(p[t0 + t], s[t]);
+        }
+        /* The lanes that see key k0 + t: positions at or past it. */
+        __m512 most = _mm512_set1_ps(-INFINITY);
+        for (int t = 0; t < n; t++) {
+            const int from = k0 + t - first; /* the first lane that sees this key */
+            const __mmask16 sees = from <= 0 ? rows : (__mmask16)(rows & ~((1u << from) - 1));
+            most = _mm512_mask_max_ps(most, sees, most, _mm512_load_ps(p[t]));
+        }
+        /* The scale inside the exponential's argument (fmsub), exact for a power of two. */
+        const __m512 new_top = _mm512_max_ps(top, _mm512_mul_ps(most, scale));
+        const __m512 rescale = exp16(_mm512_sub_ps(top, new_top)); /* 1 where it held, 0 first */
+        __m512 sum = _mm512_setzero_ps();
+        for (int t = 0; t < n; t++) {
+            const int from = k0 + t - first;
+            const __mmask16 sees = from <= 0 ? rows : (__mmask16)(rows & ~((1u << from) - 1));
+            const __m512 e = _mm512_maskz_mov_ps(sees, exp16(_mm512_fmsub_ps(_mm512_load_ps(p[t]), scale, new_top)));
+            _mm512_store_ps(p[t], e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        total = _mm512_fmadd_ps(total, rescale, sum);
+        top = new_top;
+        const int rescaled = _mm512_mask_cmp_ps_mask(rows, rescale, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ) != 0;
+        /* Outputs += weights . values, 16 dimensions at a time, keys in order. */
+        for (int d0 = 0; d0 < dim; d0 += 16) {
+            __m512 acc[16];
+#pragma GCC unroll 16
+            for (int x = 0; x < 16; x++)
+                acc[x] = rescaled ? _mm512_mul_ps(_mm512_load_ps(ot[d0 + x]), rescale)
+                                  : _mm512_load_ps(ot[d0 + x]);
+            const float* vr = v + (size_t)k0 * dim + d0;
+            for (int t = 0; t < n; t++) {
+                const __m512 w = _mm512_load_ps(p[t]);
+#pragma GCC unroll 16
+                for (int x = 0; x < 16; x++)
+                    acc[x] = _mm512_fmadd_ps(w, _mm512_set1_ps(vr[(size_t)t * dim + x]), acc[x]);
+            }
+#pragma GCC unroll 16
+            for (int x = 0; x < 16; x++) _mm512_store_ps(ot[d0 + x], acc[x]);
+        }
+    }
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
+    const __m512i out_at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(j->heads * dim)); /* lane r's row */
+    float* out = j->out + (size_t)i0 * j->heads * dim + (size_t)h * dim;
+    for (int d = 0; d < dim; d++)
+        _mm512_mask_i32scatter_ps(out + d, rows, out_at, _mm512_mul_ps(_mm512_load_ps(ot[d]), inv), 4);
+}
+
 /* Chunk c: one head's block of QUERY_BLOCK positions, the longest (latest) blocks first. */
 BF16 static void query_block(const void* job, int c) {
     const prefill_attention_job* j = job;
     const int h = c % j->heads, block = j->query_blocks - 1 - c / j->heads;
     const int i1 = (block + 1) * QUERY_BLOCK < j->steps ? (block + 1) * QUERY_BLOCK : j->steps;
+    if (!j->bf16) {
+        for (int i = block * QUERY_BLOCK; i < i1; i += LANES) {
+            const int R = i1 - i < LANES ? i1 - i : LANES;
+            if (j->dim == 64) /* the default model's heads: offsets known when compiled */
+                query_lanes(j, h, i, R, 64);
+            else
+                query_lanes(j, h, i, R, j->dim);
+        }
+        return;
+    }
     for (int i = block * QUERY_BLOCK; i < i1; i += Q_ROWS)
-        switch ((i1 - i < Q_ROWS ? i1 - i : Q_ROWS) + 8 * j->bf16) {
-            case 1: query_rows(j, h, i, 1, 0); break;
-            case 2: query_rows(j, h, i, 2, 0); break;
-            case 3: query_rows(j, h, i, 3, 0); break;
-            case 4: query_rows(j, h, i, 4, 0); break;
-            case 9: query_rows(j, h, i, 1, 1); break;
-            case 10: query_rows(j, h, i, 2, 1); break;
-            case 11: query_rows(j, h, i, 3, 1); break;
-            default: query_rows(j, h, i, 4, 1); break;
+        switch (i1 - i < Q_ROWS ? i1 - i : Q_ROWS) {
+            case 1: query_rows(j, h, i, 1); break;
+            case 2: query_rows(j, h, i, 2); break;
+            case 3: query_rows(j, h, i, 3); break;
+            default: query_rows(j, h, i, 4); break;
         }
 }
 
@@ -259,10 +324,12 @@ void prefill_attention(const float* q, const float* keys, const float* values, i
     uint16_t* kt16 = (uint16_t*)scratch;
     uint16_t* vt16 = kt16 + (size_t)kv_heads * key_steps(context) * dim * KEY_STEP;
     uint16_t* q16 = vt16 + (size_t)kv_heads * key_steps(context) * dim * KEY_STEP;
-    const prefill_attention_job job = {q, keys, values, scratch, kt16, vt16, q16, out, capacity,
+    const prefill_attention_job job = {q, keys, values, kt16, vt16, q16, out, capacity,
                                        start, steps, context, heads, heads / kv_heads, dim,
                                        query_blocks, bf16 != 0, scale};
-    parallel(transpose_keys, &job, kv_heads * key_steps(context));
-    if (bf16) parallel(convert_queries, &job, heads);
+    if (bf16) {
+        parallel(transpose_keys, &job, kv_heads * key_steps(context));
+        parallel(convert_queries, &job, heads);
+    }
     parallel(query_block, &job, heads * query_blocks);
 }
