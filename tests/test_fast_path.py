@@ -385,11 +385,11 @@ def test_fixed_point_prefill_matmul_is_within_its_rounding(fast, part, rows, out
 
 
 @pytest.mark.parametrize("bits", [16, 8])
-def test_fixed_point_prefill_takes_the_norm_and_the_residual_into_its_passes(fast, bits) -> None:
+def test_fixed_point_prefill_takes_norm_silu_and_residual_into_its_passes(fast, bits) -> None:
     """With ``norm`` it equals the product of the torch-normalised rows to within a step of
-    its rounding (the norm's sum runs in another order); with ``residual``, bit for bit the
-    residual plus the product; each row the same whatever rows run with it. Shapes are
-    checked by name."""
+    its rounding (the norm's sum runs in another order); ``gated`` (silu(gate) * up) and
+    ``residual`` give bit for bit the separate SiLU pass and the sum after; each row the same
+    whatever rows run with it. Shapes are checked by name."""
     from sampler_core.engine import packed
 
     need(packed.kernel().prefill_supported() == 1, "this CPU lacks AVX-512 VNNI")
@@ -405,6 +405,16 @@ def test_fixed_point_prefill_takes_the_norm_and_the_residual_into_its_passes(fas
     residual = torch.randn(37, linear.out_features, generator=gen)
     assert torch.equal(linear.prefill(x, bits, residual=residual),
                        residual + linear.prefill(x, bits))
+    down = runner.packed.layers[9][3]
+    gate_up = torch.randn(37, 2 * down.in_features, generator=gen) * 2
+    down_residual = residual[:, :down.out_features]
+    fused = down.prefill(gate_up, bits, gated=True, residual=down_residual)
+    assert torch.equal(fused, down_residual + down.prefill(runner._silu_times(gate_up), bits))
+    assert torch.equal(down_residual[30:] + down.prefill(gate_up[30:], bits, gated=True),
+                       fused[30:])
+    with pytest.raises(ValueError, match=r"x must have 3072 columns \(gate, then up\), got "
+                                         r"shape \(37, 1536\)"):
+        down.prefill(gate_up[:, :1536], bits, gated=True)
     with pytest.raises(ValueError, match=r"norm must have shape \(576,\), got \(3,\)"):
         linear.prefill(x, bits, norm=weight[:3])
     with pytest.raises(ValueError, match=r"residual must have shape \(37, 3072\), got \(37, 5\)"):

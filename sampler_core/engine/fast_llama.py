@@ -87,15 +87,16 @@ DenseProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class FixedPointProduct:
     """A packed linear's long-prefill product with ``bits``-bit fixed-point activations
-    (``PackedLinear.prefill``), which takes the RMSNorm before it and the residual sum after
-    it into its own passes over the rows."""
+    (``PackedLinear.prefill``), which takes the RMSNorm or the MLP's SiLU before it and the
+    residual sum after it into its own passes over the rows."""
 
     linear: PackedLinear
     bits: int
 
     def __call__(self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.linear.prefill(x, self.bits, norm=norm, eps=eps, residual=residual)
+                 gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear.prefill(x, self.bits, norm=norm, eps=eps, gated=gated,
+                                   residual=residual)
 
 
 def _linear(x: torch.Tensor,
@@ -401,7 +402,7 @@ class FastLlama:
             x = self._plus_product(x, out, w_o, dense)
             # MLP block.
             gate_up = self._normed_product(x, w_post, w_gate_up, dense)
-            x = self._plus_product(x, self._silu_times(gate_up), w_down, dense)
+            x = self._plus_product(x, gate_up, w_down, dense, gated=True)
         return x
 
     def _normed_product(self, x: torch.Tensor, norm: torch.Tensor, weight: Any,
@@ -413,12 +414,13 @@ class FastLlama:
         return _linear(self._norm(x, norm), weight, dense)
 
     def _plus_product(self, x: torch.Tensor, a: torch.Tensor, weight: Any,
-                      dense: DenseProduct) -> torch.Tensor:
-        """``x + a @ weight.T``; a fixed-point product adds ``x`` as it stores (bit for bit the
-        same sum)."""
+                      dense: DenseProduct, gated: bool = False) -> torch.Tensor:
+        """``x + a @ weight.T``, or with ``gated`` ``x + (silu(gate) * up) @ weight.T`` for
+        ``a`` the rows of ``[gate | up]``; a fixed-point product computes the SiLU as it rounds
+        and adds ``x`` as it stores (bit for bit the same values and sum)."""
         if isinstance(weight, FixedPointProduct):
-            return weight(a, residual=x)
-        return x + _linear(a, weight, dense)
+            return weight(a, gated=gated, residual=x)
+        return x + _linear(self._silu_times(a) if gated else a, weight, dense)
 
     def _packed_weights(self, layer: int, long: bool, mode: str, last_row_only: bool
                         ) -> list[Any]:

@@ -155,7 +155,8 @@ def load_kernel(sources: tuple[Path, ...] = _SOURCES) -> Any:
     lib.prefill_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                   ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
+                                   ctypes.c_void_p, ctypes.c_float, ctypes.c_int,
+                                   ctypes.c_void_p]
     lib.prefill_matmul.restype = None
     lib.prefill_attention.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
                                       + [ctypes.c_float] + [ctypes.c_void_p] * 2
@@ -225,20 +226,27 @@ class PackedLinear:
         return y
 
     def prefill(self, x: torch.Tensor, bits: int = 16, *, norm: torch.Tensor | None = None,
-                eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+                eps: float = 0.0, gated: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """``residual + norm(x) @ w.T`` with ``norm(x)`` rounded to ``bits`` (16 or 8) bit fixed
         point per block of 32 (``prefill_kernel.c``; the ``fixed16`` and ``fast`` prefill
         modes), Q4_1 only. 16 bits: ~1.6x BLAS's float32 rate on a long prefill, outputs
         within ~1e-4 of the largest; 8 bits: faster still, within ~1e-2. ``norm``: RMSNorm
         weights (``[in_features]``, with ``eps``) applied to each row as it is rounded;
-        ``residual``: ``[rows, out_features]`` added to the products as they are stored (bit
-        for bit ``residual + prefill(x)``). Each saves a pass over the rows."""
+        ``gated``: ``x`` is ``[rows, 2 * in_features]``, gate then up, and the product takes
+        silu(gate) * up (bit for bit the kernel's ``silu_times``); ``residual``: ``[rows,
+        out_features]`` added to the products as they are stored (bit for bit ``residual +
+        prefill(x)``). Each saves a pass over the rows."""
         if self.kind != 0:
             raise ValueError(f"the fixed-point prefill takes Q4_1 weights, not kind {self.kind}")
         if bits not in (16, 8):
             raise ValueError(f"bits must be 16 or 8, got {bits!r}")
         x = x.contiguous()
         rows = x.shape[0]
+        width = self.in_features * (2 if gated else 1)
+        if x.shape[1:] != (width,):
+            raise ValueError(f"x must have {width} columns{' (gate, then up)' if gated else ''}, "
+                             f"got shape {tuple(x.shape)}")
         if norm is not None and norm.shape != (self.in_features,):
             raise ValueError(f"norm must have shape ({self.in_features},), got {tuple(norm.shape)}")
         if residual is not None:
@@ -254,7 +262,7 @@ class PackedLinear:
                             self.scales.data_ptr(), self.out_features, y.data_ptr(),
                             scratch.data_ptr(), bits,
                             None if norm is None else norm.contiguous().data_ptr(), eps,
-                            None if residual is None else residual.data_ptr())
+                            int(gated), None if residual is None else residual.data_ptr())
         return y
 
     def unpack(self, out: torch.Tensor | None = None) -> torch.Tensor:

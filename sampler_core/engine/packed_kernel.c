@@ -380,10 +380,8 @@ void rope(float* x, const float* cos, const float* sin, int dim) {
 void silu_times(const float* gate, const float* up, int n, float* act) {
     for (int i = 0; i < n; i += 16) {
         const __mmask16 m = lanes_before(i, n);
-        const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
-        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f),
-                                                        exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_mask_storeu_ps(act + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, up + i)));
+        _mm512_mask_storeu_ps(act + i, m, silu_times16(_mm512_maskz_loadu_ps(m, gate + i),
+                                                       _mm512_maskz_loadu_ps(m, up + i)));
     }
 }
 

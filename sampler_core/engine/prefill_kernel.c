@@ -18,9 +18,10 @@
  * keeps 1/256 of each value). Its effect on the default model is measured by
  * bench/decode.py (``deviation_from_float32``) and held by tests/test_fast_path.py.
  *
- * The RMSNorm before a product (q/k/v, gate/up) is applied to each row as it is rounded, and
- * the residual sum after one (output, down) as its results are stored: a pass over the rows
- * less each, and the sum is bit for bit the one torch would add.
+ * The RMSNorm before a product (q/k/v, gate/up) and the MLP's silu(gate) * up before the down
+ * product are applied to each row as it is rounded, and the residual sum after a product
+ * (output, down) as its results are stored: a pass over the rows less each, and the SiLU and
+ * the sum are bit for bit what the separate passes give.
  *
  * Layouts. Activations: int16 [M, K] with s and sum(x_i) per (row, block), floats [M, K/32].
  * Weights are rearranged on each call (N*K work against the product's M*N*K) into panels of
@@ -66,9 +67,10 @@ size_t prefill_scratch_bytes(int M, int K, int N, int bits) {
 /* ----- activations: fixed point per block of 32 ------------------------------------------ */
 
 typedef struct {
-    const float* x;
+    const float* x;    /* [M, K], or with ``gated`` [M, 2K]: gate, then up */
     const float* norm; /* RMSNorm weights [K] to apply to each row first, or NULL */
     float eps;
+    int gated;         /* the activations are silu(gate) * up */
     int M, K, rows_per_chunk, bits;
     void* a;
     float *s, *sums;
@@ -95,8 +97,13 @@ VNNI static void quantize_chunk(const void* job, int c) {
         /* With a norm, each value is w * (x * inverse rms), as LlamaRMSNorm rounds it. */
         const __m512 inv_rms = _mm512_set1_ps(j->norm ? inverse_rms(j->x + (size_t)r * j->K, j->K, j->eps) : 1.0f);
         for (int b = 0; b < blocks; b++) {
-            const size_t at = (size_t)r * j->K + b * 32;
-            __m512 x0 = _mm512_loadu_ps(j->x + at), x1 = _mm512_loadu_ps(j->x + at + 16);
+            const size_t at = (size_t)r * j->K + b * 32; /* in the activations */
+            const float* row = j->x + (size_t)r * j->K * (j->gated ? 2 : 1) + b * 32;
+            __m512 x0 = _mm512_loadu_ps(row), x1 = _mm512_loadu_ps(row + 16);
+            if (j->gated) { /* as silu_times computes them */
+                x0 = silu_times16(x0, _mm512_loadu_ps(row + j->K));
+                x1 = silu_times16(x1, _mm512_loadu_ps(row + j->K + 16));
+            }
             if (j->norm) {
                 x0 = _mm512_mul_ps(_mm512_loadu_ps(j->norm + b * 32), _mm512_mul_ps(x0, inv_rms));
                 x1 = _mm512_mul_ps(_mm512_loadu_ps(j->norm + b * 32 + 16), _mm512_mul_ps(x1, inv_rms));
@@ -263,12 +270,13 @@ VNNI static void product_chunk(const void* job, int c) {
 /* y[M, N] ~= residual + norm(x[M, K]) @ W[N, K]^T for Q4_1 W (quants q, scales s as
  * packed_kernel.c lays them out), norm(x) rounded to ``bits`` (16 or 8) bit fixed point per
  * block of 32 as above. ``norm``: RMSNorm weights [K] (with ``eps``) or NULL for x itself;
- * ``residual``: [M, N] or NULL for none (the two save a pass over the rows each, and the
- * residual's sum is the one adding it after the product gives). ``scratch`` holds
+ * ``gated``: x is [M, 2K], gate then up, and the activations silu(gate) * up (as silu_times
+ * gives them); ``residual``: [M, N] or NULL for none. Each saves a pass over the rows, and
+ * the residual's sum is the one adding it after the product gives. ``scratch`` holds
  * prefill_scratch_bytes(M, K, N, bits) bytes. K must be a multiple of 32. */
 void prefill_matmul(const float* x, int M, int K, const uint8_t* q, const uint16_t* s, int N,
                     float* y, void* scratch, int bits, const float* norm, float eps,
-                    const float* residual) {
+                    int gated, const float* residual) {
     const int blocks = K / 32, threads = pool_size();
     uint8_t* panels = (uint8_t*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     uint8_t* a = panels + panels_bytes(N, K, bits);
@@ -278,7 +286,7 @@ void prefill_matmul(const float* x, int M, int K, const uint8_t* q, const uint16
     const panels_job weights = {q, s, N, K, bits, panels};
     parallel(panels_chunk, &weights, (N + PANEL - 1) / PANEL);
     int rows = (M + 4 * threads - 1) / (4 * threads);
-    const quantize_job activations = {x, norm, eps, M, K, rows, bits, a, scale, sums};
+    const quantize_job activations = {x, norm, eps, gated, M, K, rows, bits, a, scale, sums};
     parallel(quantize_chunk, &activations, (M + rows - 1) / rows);
     /* About four chunks a thread, whole multiples of ROWS rows. */
     rows = (rows + ROWS - 1) / ROWS * ROWS;
