@@ -518,8 +518,8 @@ def prefill_mode() -> str:
 
     They differ in how prompts over ``PACKED_MAX_STEPS`` positions are computed, and so in the
     answers; ``bench/decode.py`` prints how much. ``fixed16`` rounds activations to 16-bit
-    fixed point per block of 32 (linears ~1.6x faster than float32's; on 30 400-token prompts
-    the same 128 greedy tokens as float32, probabilities within 8.9e-4 and attention weights
+    fixed point per block of 32 (linears ~1.6x faster than float32's; on 35 400-token prompts
+    the same 128 greedy tokens as float32, probabilities within 9.6e-4 and attention weights
     within 9.1e-4: under the rule's 1e-3, not far under). ``fast`` rounds them to 8 bits and runs attention's products in bfloat16,
     like llama.cpp's Q8 activations (time to first token under half of float32's; greedy runs
     part from float32's).
