@@ -99,11 +99,10 @@ class FixedPointProduct:
                                    residual=residual)
 
 
-def _linear(x: torch.Tensor,
-            weight: torch.Tensor | PackedLinear | Callable[[torch.Tensor], torch.Tensor],
+def _linear(x: torch.Tensor, weight: torch.Tensor | PackedLinear,
             dense: DenseProduct = F.linear) -> torch.Tensor:
-    """``x @ weight.T`` for a float32 weight (by ``dense``), a packed one, or a packed one's
-    ``prefill``."""
+    """``x @ weight.T`` for a float32 weight (by ``dense``) or a packed one (a fixed-point
+    prefill's products go through ``FastLlama._normed_product`` and ``_plus_product``)."""
     return dense(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
 
 
