@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = torch.randn(kv_heads, rows, dim, generator=gen) * 1.5
     values = torch.randn(kv_heads, rows, dim, generator=gen)
     out = torch.empty(rows, heads * dim)
-    scratch = torch.empty(lib.prefill_attention_scratch_floats(heads, kv_heads, dim, 0, rows))
+    scratch = torch.empty(lib.prefill_attention_scratch_floats(heads, kv_heads, dim, 0, rows, 1))
     attention_macs = 2 * heads * dim * rows * (rows + 1) // 2
     attention: dict[str, float] = {}
     for way, bf16 in (("float32", 0), ("fast", 1)):

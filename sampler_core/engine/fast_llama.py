@@ -500,7 +500,7 @@ class FastLlama:
         end = start + steps
         out = torch.empty(steps, self.q_size)
         scratch = torch.empty(self._kernel.prefill_attention_scratch_floats(
-            self.num_heads, self.num_kv, self.head_dim, start, steps))
+            self.num_heads, self.num_kv, self.head_dim, start, steps, int(bf16)))
         self._kernel.prefill_attention(
             q.data_ptr(), cache.keys[layer].data_ptr(), cache.values[layer].data_ptr(),
             cache.keys.shape[2], self.num_heads, self.num_kv, self.head_dim, start, steps,

@@ -163,7 +163,7 @@ def load_kernel(sources: tuple[Path, ...] = _SOURCES) -> Any:
                                       + [ctypes.c_int])
     lib.prefill_attention.restype = None
     lib.prefill_attention_bf16_supported.restype = ctypes.c_int
-    lib.prefill_attention_scratch_floats.argtypes = [ctypes.c_int] * 5
+    lib.prefill_attention_scratch_floats.argtypes = [ctypes.c_int] * 6
     lib.prefill_attention_scratch_floats.restype = ctypes.c_size_t
     lib.prefill_attention_max_dim.restype = ctypes.c_int
     lib.prefill_split_heads.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4

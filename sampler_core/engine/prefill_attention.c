@@ -51,8 +51,11 @@ static inline uint16_t to_bf16(float x) {
 
 static inline int key_steps(int context) { return (context + KEY_STEP - 1) / KEY_STEP; }
 
-/* Floats of scratch prefill_attention needs (only the bfloat16 variant uses it). */
-size_t prefill_attention_scratch_floats(int heads, int kv_heads, int dim, int start, int steps) {
+/* Floats of scratch prefill_attention needs: the bfloat16 variant's keys, values and queries;
+ * none in float32. */
+size_t prefill_attention_scratch_floats(int heads, int kv_heads, int dim, int start, int steps,
+                                        int bf16) {
+    if (!bf16) return 0;
     return (size_t)kv_heads * key_steps(start + steps) * dim * KEY_STEP
            + ((size_t)heads * steps * dim + 1) / 2;
 }
