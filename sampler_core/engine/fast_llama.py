@@ -36,8 +36,8 @@ from __future__ import annotations
 import ctypes
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import cache
-from typing import Any, Callable, Sequence
+from functools import cache, cached_property
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +131,28 @@ def onednn_linear() -> DenseProduct | None:
         return op(x, weight, None, "none", [], "")
 
     return product
+
+
+#: The row counts at which ``rows_agree`` compares a product's rows with a longer product's.
+#: oneDNN picks its kernel by shape, and on some CPUs another one for a few rows: on an Intel
+#: Xeon, torch 2.11's oneDNN 3.10 took ``gemm:jit`` up to 65 rows (32 for 1,536 inputs) and
+#: ``brg_matmul`` past that, and their sums round differently (measured).
+ROW_PROBE = (2, 3, 16, 33, 65, 100, 200)
+
+
+def rows_agree(product: DenseProduct, shapes: Iterable[tuple[int, int]]) -> bool:
+    """Whether ``product`` gives each row the same result whatever the number of rows (2 or
+    more), probed on random weights of each ``(out_features, in_features)`` in ``shapes``:
+    the first rows of a 256-row product against products of ``ROW_PROBE`` rows. A probe, not
+    a proof; for the default model's four shapes it costs ~0.1 s once."""
+    generator = torch.Generator().manual_seed(0)
+    for out_features, in_features in sorted(set(shapes)):
+        weight = torch.randn(out_features, in_features, generator=generator)
+        x = torch.randn(256, in_features, generator=generator)
+        full = product(x, weight)
+        if not all(torch.equal(product(x[:rows], weight), full[:rows]) for rows in ROW_PROBE):
+            return False
+    return True
 
 
 def supports(model: Any) -> bool:
@@ -244,13 +266,22 @@ class FastLlama:
         earlier long prefill of its head (in ``mode``) computes bit for bit what a long
         prefill of the whole prompt would: true where every step of a long prefill gives each
         position the same result whatever rows it runs with. The kernel's attention walks
-        keys in steps fixed by position and the norms are row-wise; the linears are oneDNN's
-        product past one row in float32, and in the inexact modes fixed-point rows, each
-        rounded on its own (all three modes tested)."""
+        keys in steps fixed by position and the norms are row-wise; in the fixed-point modes
+        each row is rounded and multiplied on its own; in float32 the linears are oneDNN's
+        product, where this CPU's oneDNN passes the probe ``rows_agree`` (all three modes
+        tested)."""
         if self.packed is None or not self._prefill_attention:
             return False
         return mode in FIXED_BITS or (mode == "float32" and self.onednn_linears
-                                      and onednn_linear() is not None)
+                                      and self._onednn_rows_agree)
+
+    @cached_property
+    def _onednn_rows_agree(self) -> bool:
+        """``rows_agree`` for oneDNN's product on this model's layer shapes (probed once, at
+        the first float32 prompt that could run in pieces)."""
+        product = onednn_linear()
+        return product is not None and rows_agree(
+            product, [(p.out_features, p.in_features) for p in self.packed.layers[0]])
 
     @property
     def prefill_attention_kernel(self) -> bool:
