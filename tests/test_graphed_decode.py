@@ -103,6 +103,36 @@ def test_a_runs_graph_does_not_keep_its_cache_alive(engine, reference) -> None:
         gc.enable()
 
 
+def test_graphed_caches_round_up_and_go_back_for_the_next_run_of_their_size(
+        engine, reference, monkeypatch) -> None:
+    """With graphed decode a cache's room rounds up to GRAPHED_CAPACITY_STEP; once its run
+    drops it, the next cache of that size is the same tensors and captured steps, zeroed and
+    empty; at most SPARE_CACHES wait. (The pool's logic, on the CPU: no graph is captured.)"""
+    from sampler_core.engine.fast_llama import GRAPHED_CAPACITY_STEP, SPARE_CACHES
+
+    runner = FastLlama(reference)
+    monkeypatch.setattr(runner, "cuda_graphs", True)
+    cache = runner.new_cache(GRAPHED_CAPACITY_STEP + 44)
+    assert cache.keys.shape[2] == cache.values.shape[2] == 2 * GRAPHED_CAPACITY_STEP
+    keys, marker = cache.keys, object()
+    cache.keys.fill_(float("nan"))
+    cache.values.fill_(1.0)
+    cache.length = 5
+    cache.graphs[True] = marker
+    assert runner.new_cache(GRAPHED_CAPACITY_STEP + 1).keys is not keys  # still in use
+    del cache
+    again = runner.new_cache(2 * GRAPHED_CAPACITY_STEP)
+    assert again.keys is keys and again.graphs == {True: marker} and again.length == 0
+    assert not again.keys.any() and not again.values.any()
+    assert runner.new_cache(3 * GRAPHED_CAPACITY_STEP).keys.shape[2] == 3 * GRAPHED_CAPACITY_STEP
+    runner._spare_caches.clear()
+    caches = [runner.new_cache(GRAPHED_CAPACITY_STEP * n) for n in range(1, SPARE_CACHES + 3)]
+    while caches:  # dropped smallest first
+        caches.pop(0)
+    assert [spare[0] for spare in runner._spare_caches] == [
+        GRAPHED_CAPACITY_STEP * n for n in range(3, SPARE_CACHES + 3)]
+
+
 def test_cuda_graphs_switch_is_validated(monkeypatch) -> None:
     from sampler_core.engine.devices import CUDA_GRAPHS_ENV, cuda_graphs_enabled
     from sampler_core.errors import InvalidSettings
@@ -138,6 +168,31 @@ def test_gpu_engine_gives_the_float32_reference_answers(on_gpu, reference) -> No
         probs = torch.softmax(logits, dim=-1)
         expected = probs[torch.arange(len(got)), torch.tensor(got)]
         assert max(abs(t.raw_prob - float(e)) for t, e in zip(tokens, expected)) < 1e-3
+
+
+@gpu
+def test_the_next_run_of_a_size_replays_the_last_ones_graph_and_gives_the_same(
+        on_gpu, monkeypatch) -> None:
+    """A finished run's cache and captured step serve the next run whose capacity rounds
+    alike: no second capture, and the same seed gives every figure the same."""
+    captures: list[StaticDecode] = []
+    capture = StaticDecode._capture
+    monkeypatch.setattr(StaticDecode, "_capture",
+                        lambda static: (captures.append(static), capture(static))[1])
+    on_gpu._fast._spare_caches.clear()
+    ids = on_gpu.encode(PROMPTS[3])
+    settings = dict(max_len=16, temperature=1.0, nucleus_p=0.95, top_k=3, rng_seed=7,
+                    return_attention=True)
+
+    def figures() -> list[tuple]:
+        return [(t.token_id, t.prob, t.raw_prob, t.entropy, t.attn_weights,
+                 tuple((k.token_id, k.prob) for k in t.top_k))
+                for t in tokens_of(on_gpu, ids, **settings)]
+
+    first = figures()
+    assert len(captures) == 1 and len(on_gpu._fast._spare_caches) == 1
+    assert figures() == first
+    assert len(captures) == 1
 
 
 @gpu

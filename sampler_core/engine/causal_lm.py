@@ -338,8 +338,11 @@ class CausalLMEngine:
         """A decode step of ``token_id``, begun; the call returned gives its logits and
         attention rows on the host. On a GPU the lean runner's step is queued now and runs
         while the host records the token before it (~0.3-1 ms a token of vocabulary math);
-        elsewhere the step runs in that call, after the token is shown, as it always ran."""
-        if isinstance(cache, KVCache) and self.device.type == "cuda":
+        elsewhere, and for a run's first step on a GPU (which captures the run's graph, ~30
+        ms that would hold back the first token), the step runs in that call, after the token
+        is shown."""
+        if (isinstance(cache, KVCache) and self.device.type == "cuda"
+                and self._fast.step_is_queued(cache, attention)):
             with self._steps:
                 logits, rows = self._fast.decode(token_id, cache, attention=attention)
             return lambda: (logits.cpu(), None if rows is None else rows.cpu())

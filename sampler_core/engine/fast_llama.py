@@ -34,6 +34,8 @@ others take the transformers path.
 from __future__ import annotations
 
 import ctypes
+import threading
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cache, cached_property
@@ -53,6 +55,12 @@ from sampler_core.engine.threads import one_thread
 PACKED_MAX_STEPS = 32
 #: The activations' bits in each fixed-point prefill mode.
 FIXED_BITS = {"fixed16": 16, "fast": 8}
+#: With graphed decode (a GPU) a run's cache holds a multiple of this many positions, so that
+#: runs whose prompt and length round alike can take over a finished run's cache with its
+#: captured steps (a capture costs ~30 ms on an H100) ...
+GRAPHED_CAPACITY_STEP = 256
+#: ... of which at most this many are kept (~46 KB a position each for the default model).
+SPARE_CACHES = 4
 
 
 @dataclass
@@ -207,6 +215,10 @@ class FastLlama:
         #: Whether decode steps replay a captured CUDA graph (on a GPU, unless
         #: ``$PROMPT_IDE_CUDA_GRAPHS=0``); the bench switches it to compare.
         self.cuda_graphs = self.embed.device.type == "cuda" and cuda_graphs_enabled()
+        #: Finished runs' caches with their captured steps, oldest first (``new_cache``).
+        self._spare_caches: list[tuple[int, torch.Tensor, torch.Tensor,
+                                       dict[bool, StaticDecode]]] = []
+        self._spare_lock = threading.Lock()  # runs start and end on several threads
         #: The compiled kernel (looked up once: ``kernel()`` takes a lock), or None.
         self._kernel = packed_kernels.kernel() if packed is not None else None
         if self._kernel is None:
@@ -324,12 +336,43 @@ class FastLlama:
         return "packed" if self.packed is not None else "float32"
 
     def new_cache(self, capacity: int) -> KVCache:
-        """An empty cache for up to ``capacity`` positions."""
-        shape = (self.num_layers, self.num_kv, capacity, self.head_dim)
+        """An empty cache for up to ``capacity`` positions. With graphed decode, room for
+        ``capacity`` rounded up to ``GRAPHED_CAPACITY_STEP``, taken over from a finished run
+        with its captured steps where one of that size is spare (it goes back when the run's
+        cache is dropped)."""
         device = self.embed.device  # the cache follows the model's device
-        # Zeroed on a GPU: a graphed step attends over the whole capacity (graphed_decode.py).
-        make = torch.zeros if device.type == "cuda" else torch.empty
-        return KVCache(make(shape, device=device), make(shape, device=device))
+        if not self.cuda_graphs:
+            shape = (self.num_layers, self.num_kv, capacity, self.head_dim)
+            # Zeroed on a GPU: a graphed step attends over the whole capacity.
+            make = torch.zeros if device.type == "cuda" else torch.empty
+            return KVCache(make(shape, device=device), make(shape, device=device))
+        capacity = -(-capacity // GRAPHED_CAPACITY_STEP) * GRAPHED_CAPACITY_STEP
+        with self._spare_lock:
+            found = next((n for n in reversed(range(len(self._spare_caches)))  # the newest
+                          if self._spare_caches[n][0] == capacity), None)
+            spare = None if found is None else self._spare_caches.pop(found)
+        if spare is None:
+            shape = (self.num_layers, self.num_kv, capacity, self.head_dim)
+            keys, values = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+            graphs: dict[bool, StaticDecode] = {}
+        else:
+            # Zeroed again: the graphed step weighs the positions past the run's by exactly 0,
+            # and 0 * a stale NaN would be NaN.
+            _, keys, values, graphs = spare
+            keys.zero_()
+            values.zero_()
+        cache = KVCache(keys, values, graphs=graphs)
+        # The tensors and steps, not the cache, go back once the run drops the cache.
+        weakref.finalize(cache, self._keep_spare, capacity, keys, values, graphs).atexit = False
+        return cache
+
+    def _keep_spare(self, capacity: int, keys: torch.Tensor, values: torch.Tensor,
+                    graphs: dict[bool, StaticDecode]) -> None:
+        """Keep a finished run's cache and captured steps for a later run (the oldest spare
+        one is let go past ``SPARE_CACHES``)."""
+        with self._spare_lock:
+            self._spare_caches.append((capacity, keys, values, graphs))
+            del self._spare_caches[:-SPARE_CACHES]
 
     def _rotary(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[end - start, head_dim]`` from a table grown as positions are reached.
@@ -562,6 +605,11 @@ class FastLlama:
         return (self.packed is not None and not self.cuda_graphs
                 and self.embed.dtype == torch.float32 and self.embed.is_contiguous()
                 and cache.length + 1 <= self._decode_max_context)
+
+    def step_is_queued(self, cache: KVCache, attention: bool) -> bool:
+        """Whether ``decode`` on ``cache`` only queues the step on the GPU and returns: it
+        replays the run's captured graph (the capture itself, on a run's first step, waits)."""
+        return self.cuda_graphs and attention in cache.graphs
 
     def _check_token(self, token_id: int) -> None:
         """Refuse an id outside the vocabulary (its embedding row would be read out of bounds)."""
