@@ -333,6 +333,7 @@ class CausalLMEngine:
                 self._recorder.armed = False
         return out.logits[0].float().cpu(), None if rows is None else rows.float().cpu()
 
+    @torch.inference_mode()
     def _begin_decode(self, token_id: int, cache: DynamicCache | KVCache, *, attention: bool,
                       seat: Seat | None) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
         """A decode step of ``token_id``, begun; the call returned gives its logits and
