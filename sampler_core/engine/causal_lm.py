@@ -333,7 +333,6 @@ class CausalLMEngine:
                 self._recorder.armed = False
         return out.logits[0].float().cpu(), None if rows is None else rows.float().cpu()
 
-    @torch.inference_mode()
     def _begin_decode(self, token_id: int, cache: DynamicCache | KVCache, *, attention: bool,
                       seat: Seat | None) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
         """A decode step of ``token_id``, begun; the call returned gives its logits and
@@ -344,7 +343,7 @@ class CausalLMEngine:
         is shown."""
         if (isinstance(cache, KVCache) and self.device.type == "cuda"
                 and self._fast.step_is_queued(cache, attention)):
-            with self._steps:
+            with self._steps, torch.inference_mode():  # the graph's tensors are inference ones
                 logits, rows = self._fast.decode(token_id, cache, attention=attention)
             return lambda: (logits.cpu(), None if rows is None else rows.cpu())
         return lambda: self._forward([token_id], cache, all_logits=False, attention=attention,
