@@ -341,18 +341,18 @@ class FastLlama:
         with its captured steps where one of that size is spare (it goes back when the run's
         cache is dropped)."""
         device = self.embed.device  # the cache follows the model's device
+        if self.cuda_graphs:
+            capacity = -(-capacity // GRAPHED_CAPACITY_STEP) * GRAPHED_CAPACITY_STEP
+        shape = (self.num_layers, self.num_kv, capacity, self.head_dim)
         if not self.cuda_graphs:
-            shape = (self.num_layers, self.num_kv, capacity, self.head_dim)
             # Zeroed on a GPU: a graphed step attends over the whole capacity.
             make = torch.zeros if device.type == "cuda" else torch.empty
             return KVCache(make(shape, device=device), make(shape, device=device))
-        capacity = -(-capacity // GRAPHED_CAPACITY_STEP) * GRAPHED_CAPACITY_STEP
         with self._spare_lock:
             found = next((n for n in reversed(range(len(self._spare_caches)))  # the newest
                           if self._spare_caches[n][0] == capacity), None)
             spare = None if found is None else self._spare_caches.pop(found)
         if spare is None:
-            shape = (self.num_layers, self.num_kv, capacity, self.head_dim)
             keys, values = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
             graphs: dict[bool, StaticDecode] = {}
         else:
