@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import need
+from pages import PAGEMAP, resident_bytes
 from sampler_core.inputs import TokenIdsPart
 from sampler_core.settings import SampleSettings
 from sampler_core.tokens import Token
@@ -74,6 +75,37 @@ def test_packed_blocks_are_the_float32_weights_bit_for_bit(fast) -> None:
     assert packed.layers[7][0].equals(qkv)
     assert torch.equal(packed.layers[7][3].unpack(), layer.mlp.down_proj.weight)
     assert packed.lm_head.equals(fast.model.lm_head.weight)
+
+
+def test_token_rows_come_from_the_tied_embeddings_blocks_bit_for_bit(fast) -> None:
+    head = fast._fast._packed_embed
+    assert head is fast._fast.packed.lm_head  # SmolLM2 ties its embedding and output head
+    assert torch.equal(head.rows(torch.arange(head.out_features)), fast.model.lm_head.weight)
+    ids = torch.tensor([5, 0, 49151, 5])
+    out = torch.full((4, head.in_features), float("nan"))
+    assert head.rows(ids, out) is out and torch.equal(out, fast._fast.embed[ids])
+    with pytest.raises(ValueError, match=r"row ids must be in 0\.\.49151, got -1\.\.5"):
+        head.rows(torch.tensor([5, -1]))
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(4, 576\), got \(4, 575\)"):
+        head.rows(ids, torch.empty(4, 575))
+
+
+@pytest.mark.skipif(not PAGEMAP.exists(), reason="Linux only (pages read through /proc/self/pagemap)")
+def test_runs_on_the_packed_path_leave_the_float32_weights_unread(fast) -> None:
+    """Mapped from their file, every page of them read would count in the process's memory
+    (a whole page-cache folio each, up to 2 MB): prompts, decode steps and a batched step
+    take token rows from the packed blocks and never touch the float32 tables."""
+    from sampler_core.engine.weight_block import release_pages
+
+    unread = fast._fast._unread_weights()
+    assert any(w is fast._fast.embed for w in unread) and len(unread) == 7 * fast.num_layers + 1
+    release_pages(unread)  # other tests read them, for their references
+    before = sum(resident_bytes(w) for w in unread)
+    tokens_of(fast, fast.encode(PROMPTS[4]), max_len=4, temperature=0.0)  # a long prefill
+    tokens_of(fast, fast.encode(PROMPTS[0]), max_len=4, temperature=0.0)  # a short one
+    caches = [fast._fast.new_cache(8) for _ in range(2)]
+    fast._fast.decode_many([(1000, caches[0], False), (2000, caches[1], True)])
+    assert sum(resident_bytes(w) for w in unread) - before <= 64 * 1024
 
 
 def test_packed_blocks_lie_in_one_block_in_the_order_a_decode_step_reads_them(fast) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import mmap
 
 import pytest
 import torch
+from pages import PAGEMAP, resident_bytes
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sampler_core.engine.weight_block import (ALIGN, HUGE_PAGE, huge_page_memory, read_header,
-                                              read_into_block)
+                                              read_into_block, release_pages)
 
 
 @pytest.fixture()
@@ -55,3 +58,17 @@ def test_huge_page_memory_is_zeroed_writable_and_aligned() -> None:
     assert int(block.sum()) == 0
     block[-1] = 7
     assert int(block[-1]) == 7
+
+
+@pytest.mark.skipif(not PAGEMAP.exists(), reason="Linux only (pages read through /proc/self/pagemap)")
+def test_release_pages_gives_back_a_mapped_tensors_pages_and_keeps_its_values(tmp_path) -> None:
+    values = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))  # 4 MB
+    save_file({"w": values}, str(tmp_path / "m.safetensors"))
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as file:
+        mapped = file.get_tensor("w")  # mapped from the file, as transformers loads weights
+    assert torch.equal(mapped, values)  # reads every page
+    size = mapped.numel() * mapped.element_size()
+    assert resident_bytes(mapped) >= size * 0.9
+    assert release_pages([mapped, torch.empty(0)]) >= size - 2 * mmap.PAGESIZE
+    assert resident_bytes(mapped) <= size * 0.1
+    assert torch.equal(mapped, values)  # faulted in again, unchanged

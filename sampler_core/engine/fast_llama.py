@@ -20,9 +20,10 @@ float32, probabilities within 1e-3), or by name a float32 product (oneDNN's, see
 ``onednn_linear``) on one layer's weights rebuilt at a time (``float32``, exact arithmetic)
 or 8-bit activations and bfloat16 attention products (``fast``: not within 1e-3), and prefill
 attention is a float32 C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The
-model's float32 layer weights are then never read by the engine (nor fused), so they stay
-unloaded pages of the mapped safetensors file: the server's resident memory drops rather than
-grows.
+model's float32 layer weights are then never read by the engine (nor fused), nor is its
+embedding table (token rows come from the tied output head's blocks), so they stay unloaded
+pages of the mapped safetensors file, and the pages loading read are handed back
+(``weight_block.release_pages``): the server's resident memory drops rather than grows.
 
 On a GPU the weights are the float32 tensors and each run's decode steps replay one captured
 CUDA graph (``graphed_decode.py``): a single launch instead of ~1,000 kernel launches a token.
@@ -49,6 +50,7 @@ from sampler_core.engine.devices import cuda_graphs_enabled
 from sampler_core.engine.graphed_decode import StaticDecode
 from sampler_core.engine.packed import PackedLinear, PackedLlama
 from sampler_core.engine.threads import one_thread
+from sampler_core.engine.weight_block import release_pages
 
 #: Up to this many new positions a forward reads the packed weights; a longer prefill is
 #: compute-bound and runs a float32 product on weights rebuilt from the blocks per layer.
@@ -223,6 +225,14 @@ class FastLlama:
         self._kernel = packed_kernels.kernel() if packed is not None else None
         if self._kernel is None:
             self.packed = None
+        #: A tied embedding's packed blocks (the output head's), which give the rows of token
+        #: ids bit for bit without reading the float32 table: that table is a mapped file, and
+        #: each page read maps a whole page-cache folio into the process (up to 2 MB on
+        #: Linux 6.x), so a few dozen token rows had made ~16 MB of it resident. Else None.
+        self._packed_embed = (self.packed.lm_head
+                              if self.packed is not None
+                              and self.embed.data_ptr() == self.lm_head.data_ptr()
+                              and self.embed.shape == self.lm_head.shape else None)
         #: How long prefills run (``packed.PREFILL_MODES``): ``fixed16`` where this runner and
         #: CPU can (``packed.DEFAULT_PREFILL``), else float32; ``$PROMPT_IDE_PREFILL`` names
         #: another.
@@ -255,6 +265,19 @@ class FastLlama:
                 self.packed, norms_in=[layer[0] for layer in self.layers],
                 norms_post=[layer[3] for layer in self.layers], norm_final=self.final_norm,
                 heads=self.num_heads, kv_heads=self.num_kv, head_dim=self.head_dim, eps=self.eps)
+            # The float32 weights the blocks stand in for are never read here, yet loading read
+            # the first page of each (safetensors), or every page (the packing's check on a
+            # first load), and each read left a page-cache folio mapped in this process.
+            release_pages(self._unread_weights())
+
+    def _unread_weights(self) -> list[torch.Tensor]:
+        """The model's float32 weights that the packed path never reads: every layer's linears
+        and, where the packed output head gives its rows (``_packed_embed``), the embedding."""
+        linears = [getattr(module, name).weight for layer in self.model.model.layers
+                   for module, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                         (layer.mlp, ("gate_proj", "up_proj", "down_proj")))
+                   for name in names]
+        return linears + ([self.embed] if self._packed_embed is not None else [])
 
     @property
     def kernel_attention_available(self) -> bool:
@@ -414,7 +437,7 @@ class FastLlama:
             raise ValueError("as_long_prefill needs packed weights and at least 2 positions")
         if self.cuda_graphs and inputs_embeds is None and input_ids.shape[0] == 1:
             return self._decode_graphed(input_ids, cache, attention)
-        x = self.embed[input_ids] if inputs_embeds is None else inputs_embeds.float()
+        x = self._embed_rows(input_ids) if inputs_embeds is None else inputs_embeds.float()
         steps, start = x.shape[0], cache.length
         end = start + steps
         rows = (torch.empty(self.num_layers, self.num_heads, end, device=x.device)
@@ -436,6 +459,25 @@ class FastLlama:
         head = (self.packed.lm_head if self.packed is not None and hidden.shape[0] <= PACKED_MAX_STEPS
                 else self.lm_head)
         return _linear(hidden, head, self._dense), rows
+
+    def _embed_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings ``[T, hidden]`` of ids ``[T]``: from a tied embedding's packed blocks
+        where there are some (``_packed_embed``), else from the table."""
+        if self._packed_embed is None:
+            return self.embed[input_ids]
+        return self._packed_embed.rows(input_ids)
+
+    def _embed_into(self, token_ids: Sequence[int], address: int) -> None:
+        """The embeddings of checked ``token_ids``, one row after another, written at
+        ``address`` (a decode step's input, which the kernel reads)."""
+        if self._packed_embed is not None:
+            ids = (ctypes.c_int64 * len(token_ids))(*token_ids)
+            self._packed_embed.rows_to(ctypes.addressof(ids), len(token_ids), address)
+            return
+        row_bytes = self.hidden * self.embed.element_size()
+        for n, token_id in enumerate(token_ids):
+            ctypes.memmove(address + n * row_bytes, self.embed.data_ptr() + token_id * row_bytes,
+                           row_bytes)
 
     def _layers(self, x: torch.Tensor, cache: KVCache, start: int, cos: torch.Tensor,
                 sin: torch.Tensor, long: bool, mode: str, all_logits: bool,
@@ -633,14 +675,12 @@ class FastLlama:
         starts = [self._next_position(cache) for _, cache, _ in steps]
         self._rotary_pointers(max(starts))  # grow the tables first: then no pointer moves
         x = torch.empty(count, self.hidden)
-        row_bytes = self.hidden * self.embed.element_size()
         seqs = (packed_kernels.DecodeSeqStruct * count)()
         rows: list[torch.Tensor | None] = []
         for token_id, _, _ in steps:
             self._check_token(token_id)
-        for n, ((token_id, cache, attention), start) in enumerate(zip(steps, starts)):
-            ctypes.memmove(x.data_ptr() + n * row_bytes,
-                           self.embed.data_ptr() + token_id * row_bytes, row_bytes)
+        self._embed_into([token_id for token_id, _, _ in steps], x.data_ptr())
+        for n, ((_, cache, attention), start) in enumerate(zip(steps, starts)):
             rows.append(torch.empty(self.num_layers, self.num_heads, start + 1)
                         if attention else None)
             cos, sin = self._rotary_pointers(start)
@@ -694,7 +734,7 @@ class FastLlama:
         state = cache.decode_buffer.data_ptr()
         row_bytes = self.hidden * self.embed.element_size()
         if x is None:
-            ctypes.memmove(state, self.embed.data_ptr() + token_id * row_bytes, row_bytes)
+            self._embed_into([token_id], state)
         else:
             cache.decode_buffer[:self.hidden].copy_(x[0])
         cos, sin = self._rotary_pointers(start)

@@ -147,6 +147,9 @@ def load_kernel(sources: tuple[Path, ...] = _SOURCES) -> Any:
     lib.packed_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.packed_dequantize.restype = None
+    lib.packed_rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.packed_rows.restype = None
     lib.packed_max_in_features.restype = ctypes.c_int
     lib.decode_max_context.restype = ctypes.c_int
     lib.prefill_supported.restype = ctypes.c_int
@@ -273,6 +276,31 @@ class PackedLinear:
         _lib.packed_dequantize(self.kind, self.quants.data_ptr(), self.scales.data_ptr(),
                                self.out_features, self.in_features, out.data_ptr())
         return out
+
+    def rows(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``ids`` (int64 ``[n]``) of the float32 weight ``[n, in_features]``, rebuilt by
+        the kernel bit for bit; a tied embedding's rows for token ids. ``out``: a contiguous
+        float32 ``[n, in_features]`` to write them into. Raises ValueError for an id past the
+        rows."""
+        ids = ids.to(torch.int64).contiguous()
+        count = ids.numel()
+        if count and not (0 <= int(ids.min()) and int(ids.max()) < self.out_features):
+            raise ValueError(f"row ids must be in 0..{self.out_features - 1}, got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        if out is None:
+            out = torch.empty(count, self.in_features)
+        elif out.shape != (count, self.in_features) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous ({count}, {self.in_features}), got "
+                             f"{tuple(out.shape)}")
+        self.rows_to(ids.data_ptr(), count, out.data_ptr())
+        return out
+
+    def rows_to(self, ids_address: int, count: int, out_address: int) -> None:
+        """``rows`` at raw addresses (``count`` int64 ids, each below ``out_features``; room for
+        ``count * in_features`` floats): for a decode step, whose one row goes straight into
+        the kernel's state."""
+        _lib.packed_rows(self.kind, self.quants.data_ptr(), self.scales.data_ptr(),
+                         self.in_features, ids_address, count, out_address)
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``start:stop`` of the float32 weight (in numpy, independently of the kernel)."""

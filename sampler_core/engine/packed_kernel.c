@@ -325,26 +325,44 @@ typedef struct {
     float* out;
 } dequantize_job;
 
+/* out[K] = one row of the float32 weights W stands for (row quants q, row scales s), bit for
+ * bit the reference's. */
+static void dequantize_row(int kind, const uint8_t* q, const uint16_t* s, int K, float* out) {
+    float scales[MAX_K / 16];
+    widen(s, scale_count(kind, K), scales);
+    for (int g = 0; g < K / 32; g++) {
+        __m512 w0, w1;
+        block_weights(kind, q, scales, g, &w0, &w1);
+        _mm512_storeu_ps(out + g * 32, w0);
+        _mm512_storeu_ps(out + g * 32 + 16, w1);
+    }
+}
+
 static void dequantize_chunk(const void* job, int c) {
     const dequantize_job* j = job;
-    const int blocks = j->K / 32, qb = quant_bytes(j->kind, j->K), sc = scale_count(j->kind, j->K);
+    const int qb = quant_bytes(j->kind, j->K), sc = scale_count(j->kind, j->K);
     const int n1 = (c + 1) * CHUNK < j->N ? (c + 1) * CHUNK : j->N;
-    float scales[MAX_K / 16];
-    for (int n = c * CHUNK; n < n1; n++) {
-        widen(j->s + (size_t)n * sc, sc, scales);
-        for (int g = 0; g < blocks; g++) {
-            __m512 w0, w1;
-            block_weights(j->kind, j->q + (size_t)n * qb, scales, g, &w0, &w1);
-            _mm512_storeu_ps(j->out + (size_t)n * j->K + g * 32, w0);
-            _mm512_storeu_ps(j->out + (size_t)n * j->K + g * 32 + 16, w1);
-        }
-    }
+    for (int n = c * CHUNK; n < n1; n++)
+        dequantize_row(j->kind, j->q + (size_t)n * qb, j->s + (size_t)n * sc, j->K,
+                       j->out + (size_t)n * j->K);
 }
 
 /* out[N, K] = the float32 weights W stands for (bit for bit the reference's). */
 void packed_dequantize(int kind, const uint8_t* q, const uint16_t* s, int N, int K, float* out) {
     const dequantize_job job = {kind, K, N, q, s, out};
     parallel(dequantize_chunk, &job, (N + CHUNK - 1) / CHUNK);
+}
+
+/* out[i, 0:K] = row ids[i] of the float32 weights W stands for, i < count (ids checked by the
+ * caller): a tied embedding's rows for token ids, read from its blocks, so that the float32
+ * table, a mapped file, is never touched (each page read maps a whole page-cache folio, up to
+ * 2 MB, into the process). */
+void packed_rows(int kind, const uint8_t* q, const uint16_t* s, int K, const int64_t* ids,
+                 int count, float* out) {
+    const int qb = quant_bytes(kind, K), sc = scale_count(kind, K);
+    for (int i = 0; i < count; i++)
+        dequantize_row(kind, q + (size_t)ids[i] * qb, s + (size_t)ids[i] * sc, K,
+                       out + (size_t)i * K);
 }
 
 /* out = weight * (x * rsqrt(mean(x^2) + eps)), as LlamaRMSNorm in float32. */

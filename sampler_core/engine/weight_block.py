@@ -6,20 +6,28 @@ pages (Linux transparent huge pages, asked for with ``madvise``) about 50. Measu
 steps alternating between two copies of the weights in one process: the C step 1-1.5% faster.
 The file is read straight into the block (no tensor per weight first), so the process's peak
 memory stays where it was.
+
+``release_pages`` gives back the pages of weights that stay mapped from their file but are no
+longer read (the float32 weights the packed blocks stand in for).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import mmap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 HUGE_PAGE = 2 << 20
 #: Each tensor starts on a cache line.
 ALIGN = 64
+#: madvise's advice to reclaim pages now (Linux 5.4+): their contents stay, and a later read
+#: faults them in again (from the file, or from swap for anonymous memory).
+MADV_PAGEOUT = 21
 _DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
            "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
 
@@ -74,3 +82,31 @@ def read_into_block(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]
                 raise ValueError(f"{path} ends inside tensor {name}")
             tensors[name] = into.view(_DTYPES[entry["dtype"]]).view(entry["shape"])
     return tensors
+
+
+def release_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Ask the kernel to reclaim the resident pages wholly inside each CPU tensor's bytes
+    (``MADV_PAGEOUT``), for weights this process keeps but will not read: nothing is lost, a
+    later read faults a page in again. Why: a tensor mapped from a file (transformers maps
+    safetensors) counts in the process's memory for every page once read, and on Linux 6.x a
+    read maps the whole page-cache folio around it (up to 2 MB). Returns the bytes advised; 0
+    where the C library or the kernel lacks it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    advised = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu":
+            continue
+        begin = tensor.data_ptr()
+        start = -(-begin // page) * page  # whole pages only: a neighbour's page stays
+        end = (begin + tensor.numel() * tensor.element_size()) // page * page
+        if end > start:
+            if madvise(start, end - start, MADV_PAGEOUT) != 0:
+                return advised  # EINVAL: a kernel without it
+            advised += end - start
+    return advised
