@@ -9,13 +9,14 @@ that drift of the machine hits every configuration alike. Also: time to first to
 resident memory (VmHWM) of ``sampler-core serve`` with the default model after one request;
 and the largest deviation of the engine's decode path (packed GGUF weights unless
 ``PROMPT_IDE_WEIGHTS=float32``) from a float32 full forward: greedy tokens and probabilities.
-Long prompts prefill in the engine's default mode (``prefill_default``: ``fixed16``, 16-bit
-fixed-point activations, where the CPU runs it); the other modes asked for by name
-(``float32``, exact arithmetic; ``fast``, 8-bit activations and bfloat16 attention products)
-each get their own 2,000-token time to first token (``ttft_2000_<mode>_ms``). The deviation
+Long prompts prefill in the engine's default mode (``prefill_default``: ``float32``, exact
+arithmetic); the other modes asked for by name (``fixed16``, 16-bit fixed-point activations;
+``fast``, 8-bit activations and bfloat16 attention products) each get their own 2,000-token
+time to first token (``ttft_2000_<mode>_ms``). The deviation
 on five 400-token prompts (windows of this repository's README) is the default mode's over
 128 greedy tokens (``deviation_long_prompts``, the same-answers rule's length) and each other
-mode's over 32 (``deviation_long_prompts_<mode>``). Every time to first token above is
+mode's over 32 (``deviation_long_prompts_<mode>``); where a greedy run parts from the
+reference's, ``parted_at_gaps`` says how near a tie the reference was there. Every time to first token above is
 a prompt's own prefill (the engine's kept prefills are off for them); ``ttft_2000_reused_ms`` is
 the 2,000-token prompt run again with its prefill kept (``prompt_cache.py``), and
 ``ttft_2000_tail_ms`` that prompt with its last 20 tokens changed (its kept head reused, its
@@ -175,7 +176,11 @@ def deviation(engine: Any, reference: Any, new: int) -> dict[str, Any]:
         with torch.inference_mode():
             logits = reference(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
         probs = torch.softmax(logits, dim=-1)
-        same += got == logits.argmax(-1).tolist()
+        parted = [n for n, (a, b) in enumerate(zip(got, logits.argmax(-1).tolist())) if a != b]
+        same += not parted
+        if parted:  # how near a tie the reference was where the run parted from it
+            top = probs[parted[0]].topk(2).values
+            gaps.append(float(top[0] - top[1]))
         worst = max(worst, max(abs(t.raw_prob - float(probs[n, t.token_id]))
                                for n, t in enumerate(tokens)))
     return {"prompts": len(PROMPTS), "same_greedy_tokens": same, "max_prob_diff": worst}
@@ -191,8 +196,11 @@ def long_windows(engine: Any, count: int = 5, size: int = 400) -> list[list[int]
 def long_deviation(engine: Any, eager: Any, windows: list[list[int]], new: int
                    ) -> dict[str, Any]:
     """Greedy tokens, probabilities and the first token's attention rows against a float32
-    forward of ``eager`` (the same model with transformers' eager attention)."""
-    worst, same, attention = 0.0, 0, 0.0
+    forward of ``eager`` (the same model with transformers' eager attention). For each prompt
+    whose greedy run parts from the reference's, ``parted_at_gaps`` gives the reference's
+    margin there (its top two probabilities' difference): a margin under the probabilities'
+    deviation is a near tie that any rounding may tip, a wide one a run gone astray."""
+    worst, same, attention, gaps = 0.0, 0, 0.0, []
     for ids in windows:
         s = SampleSettings(max_len=new, temperature=0.0, stop_at_eos=False,
                            return_attention=True, full_attention=True)
@@ -202,7 +210,11 @@ def long_deviation(engine: Any, eager: Any, windows: list[list[int]], new: int
             out = eager(torch.tensor([ids + got]), output_attentions=True)
         logits = out.logits[0, len(ids) - 1:-1]
         probs = torch.softmax(logits, dim=-1)
-        same += got == logits.argmax(-1).tolist()
+        parted = [n for n, (a, b) in enumerate(zip(got, logits.argmax(-1).tolist())) if a != b]
+        same += not parted
+        if parted:  # how near a tie the reference was where the run parted from it
+            top = probs[parted[0]].topk(2).values
+            gaps.append(float(top[0] - top[1]))
         worst = max(worst, max(abs(t.raw_prob - float(probs[n, t.token_id]))
                                for n, t in enumerate(tokens)))
         # The first token's rows: attention of the prompt's last position, every layer.
@@ -211,7 +223,8 @@ def long_deviation(engine: Any, eager: Any, windows: list[list[int]], new: int
             tokens[0].attention.weights)).abs().max()))
     return {"prompts": len(windows), "prompt_tokens": len(windows[0]), "new_tokens": new,
             "same_greedy_tokens": same, "max_prob_diff": worst,
-            "max_attention_diff": attention}
+            "max_attention_diff": attention,
+            "parted_at_gaps": [float(f"{gap:.2g}") for gap in gaps]}
 
 
 #: The prefill modes the bench measures by name beside the engine's default.

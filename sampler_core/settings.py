@@ -104,11 +104,10 @@ class SampleSettings:
     - ``score_prompt``: also return the prompt's tokens with teacher-forced probabilities.
     - ``stop_at_eos``: end the run when the model emits its end-of-sequence token.
     - ``prefill``: how the prompt's forward computes (prompts over 32 tokens, packed weights on
-      the CPU): ``fixed16`` (16-bit fixed-point activations: the same greedy tokens as
-      float32, probabilities within 1e-3), ``float32`` (exact arithmetic, slower) or ``fast``
-      (faster still, not within 1e-3); the run's notes say when it was not float32. Empty for
-      the engine's default (fixed16 where the CPU has AVX-512 VNNI, else float32, unless
-      ``$PROMPT_IDE_PREFILL`` names another).
+      the CPU): ``float32`` (exact arithmetic), ``fixed16`` (16-bit fixed-point activations:
+      faster, probabilities ~1e-3 off float32's) or ``fast`` (faster still, ~0.1 off); the
+      run's notes say when it was not float32. Empty for the engine's default (float32,
+      unless ``$PROMPT_IDE_PREFILL`` names another).
     """
 
     max_len: int = 256

@@ -154,6 +154,30 @@ def test_results_do_not_depend_on_the_thread_count(fast) -> None:
     assert torch.equal(one, head(x))
 
 
+def test_float32_prefills_run_the_kernels_jobs_on_torchs_threads_with_the_same_results(
+        fast, monkeypatch) -> None:
+    """Between oneDNN's products a float32 prefill's kernel jobs (attention, rotary, SiLU) run
+    on torch's OpenMP threads, which the kernel built with OpenMP shares (one runtime in the
+    process): every figure as on the kernel's own pool."""
+    from contextlib import nullcontext
+
+    from sampler_core.engine import fast_llama, threads
+
+    runner = fast._fast
+    assert threads._one_openmp_runtime()  # torch's libgomp, and the kernel's is the same
+    assert runner._kernel.pool_use_openmp(1) == 1 and runner._kernel.pool_use_openmp(0) == 0
+    ids = torch.tensor(fast.encode(PROMPTS[4]) * 4)
+
+    def prefill() -> tuple[torch.Tensor, torch.Tensor]:
+        cache = runner.new_cache(len(ids))
+        logits, rows = runner.forward(ids, cache, attention=True, prefill="float32")
+        return logits, rows
+
+    on_torch_threads = prefill()
+    monkeypatch.setattr(fast_llama, "kernel_on_torch_threads", lambda kernel: nullcontext())
+    on_the_pool = prefill()
+    assert all(torch.equal(a, b) for a, b in zip(on_torch_threads, on_the_pool))
+
 
 def test_the_long_prefill_product_is_float32_and_the_same_per_row_where_probed(fast) -> None:
     """oneDNN's product, which long prefills multiply float32 weights by: within float32
@@ -320,7 +344,7 @@ def test_prefill_mode_is_validated(monkeypatch) -> None:
     from sampler_core.engine.packed import prefill_mode
 
     monkeypatch.delenv("PROMPT_IDE_PREFILL", raising=False)
-    assert prefill_mode() == "fixed16"  # holds the same-answers rule (tested below)
+    assert prefill_mode() == "float32"  # exact: fixed16 goes past 1e-3 on some prompts
     monkeypatch.setenv("PROMPT_IDE_PREFILL", "float32")
     assert prefill_mode() == "float32"
     monkeypatch.setenv("PROMPT_IDE_PREFILL", " Fast ")
@@ -463,11 +487,12 @@ def test_fixed_point_prefill_takes_norm_silu_and_residual_into_its_passes(fast, 
         linear.prefill(x, bits, residual=residual[:, :5])
 
 
-def test_fixed16_prefill_holds_the_same_answers_rule(fast) -> None:
-    """The ``fixed16`` prefill (the default where the CPU runs it) on prompts of ~400 tokens:
-    the float32 reference's greedy tokens, probabilities within 1e-3 (measured: ~5e-4 at
-    worst; bench/decode.py checks 128 tokens). Prompts: windows of this file's own text
-    (varied, and stable unless the tests change)."""
+def test_fixed16_prefill_stays_within_its_rounding_of_the_reference(fast) -> None:
+    """The opt-in ``fixed16`` prefill on prompts of ~400 tokens: probabilities within 2e-3 of
+    the float32 reference's (measured over 128 tokens of 47 prompts: 1.4e-3 at worst, past
+    the same-answers rule's 1e-3 on two, which is why it is not the default), and greedy
+    tokens the reference's except where its top two are that near a tie. Prompts: windows of
+    this file's own text (varied, and stable unless the tests change)."""
     from sampler_core.engine import packed
 
     need(packed.kernel().prefill_supported() == 1, "this CPU lacks AVX-512 VNNI")
@@ -477,10 +502,12 @@ def test_fixed16_prefill_holds_the_same_answers_rule(fast) -> None:
             got = [t.token_id for t in tokens]
             with torch.inference_mode():
                 logits = fast.model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
-            assert got == logits.argmax(-1).tolist()
             probs = torch.softmax(logits, dim=-1)
+            for n in (n for n, (a, b) in enumerate(zip(got, logits.argmax(-1))) if a != b):
+                top = probs[n].topk(2).values
+                assert float(top[0] - top[1]) < 2e-3, n  # a near tie, not a run gone astray
             expected = probs[torch.arange(len(got)), torch.tensor(got)]
-            assert max(abs(t.raw_prob - float(e)) for t, e in zip(tokens, expected)) < 1e-3
+            assert max(abs(t.raw_prob - float(e)) for t, e in zip(tokens, expected)) < 2e-3
 
 
 def _file_windows(fast) -> list[list[int]]:
@@ -533,23 +560,25 @@ def test_a_run_can_ask_for_its_prefill_by_name(fast) -> None:
             max_len=6, temperature=1.0, rng_seed=2, top_k=3, stop_at_eos=False, **extra)))
         return [e for e in events if isinstance(e, Token)], events[-1]
 
-    plain, plain_summary = run(long_ids)  # the default: fixed16, which needs no note
-    assert runner.prefill_mode == "fixed16"
-    assert plain_summary.prefill == "fixed16" and not plain_summary.notes
-    exact, exact_summary = run(long_ids, prefill="float32")
-    asked, summary = run(long_ids, prefill="fast")
-    assert runner.prefill_mode == "fixed16"
+    exact, exact_summary = run(long_ids)  # the default: float32, which needs no note
+    assert runner.prefill_mode == "float32"
     assert exact_summary.prefill == "float32" and not exact_summary.notes
+    fixed, fixed_summary = run(long_ids, prefill="fixed16")
+    asked, summary = run(long_ids, prefill="fast")
+    assert runner.prefill_mode == "float32"
+    assert fixed_summary.prefill == "fixed16"
+    assert any(n.startswith("prefill fixed16:") for n in fixed_summary.notes)
     assert summary.prefill == "fast" and any(n.startswith("prefill fast:") for n in summary.notes)
     assert [t.raw_prob for t in asked] != [t.raw_prob for t in exact]
-    assert [t.raw_prob for t in plain] != [t.raw_prob for t in exact]
+    assert [t.raw_prob for t in fixed] != [t.raw_prob for t in exact]
     with prefill_as(runner, "fast"):
         by_default, default_summary = run(long_ids)
-    with prefill_as(runner, "float32"):
-        exact_by_default, _ = run(long_ids)
-        plain_again, _ = run(long_ids, prefill="fixed16")
+        exact_by_name, _ = run(long_ids, prefill="float32")
+    with prefill_as(runner, "fixed16"):
+        fixed_by_default, fixed_default_summary = run(long_ids)
     assert by_default == asked and default_summary == summary
-    assert exact_by_default == exact and plain_again == plain
+    assert fixed_by_default == fixed and fixed_default_summary == fixed_summary
+    assert exact_by_name == exact
     short, short_summary = run(long_ids[:20], prefill="fast")
     assert short_summary.prefill == "float32" and not short_summary.notes
     assert short == run(long_ids[:20])[0]

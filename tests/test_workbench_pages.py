@@ -103,8 +103,8 @@ def test_invalid_values_show_the_message_by_the_widget(app, engine) -> None:
 
 def test_an_inexact_prefill_is_picked_by_name_and_labelled(app, engine) -> None:
     """The sidebar's prefill choice reaches the engine; the run is labelled as not exact in
-    its summary line and notes, and keeps the label in history. The default (fixed16) is
-    labelled in the summary line only; float32 by name, not at all."""
+    its summary line and notes, and keeps the label in history. The default (float32) is not
+    labelled at all."""
     from sampler_core.engine import packed
 
     kernel = packed.kernel()
@@ -114,9 +114,13 @@ def test_an_inexact_prefill_is_picked_by_name_and_labelled(app, engine) -> None:
     text = ("The history of the printing press begins in the fifteenth century, when movable "
             "type changed how books were made. " * 3)
     run = run_prompt(app, text, max_len=2)
-    assert run.settings.prefill == "" and run.summary.prefill == "fixed16"
-    assert any("prefill fixed16 (within 1e-3 of float32)" in c.value for c in app.caption)
-    assert not app.warning
+    assert run.settings.prefill == "" and run.summary.prefill == "float32"
+    assert not any("prefill" in c.value for c in app.caption) and not app.warning
+    app.sidebar.selectbox(key="prefill_w").set_value("fixed16")
+    run = run_prompt(app, text, max_len=2)
+    assert run.settings.prefill == "fixed16" and run.summary.prefill == "fixed16"
+    assert any("prefill fixed16 (~1e-3 off float32)" in c.value for c in app.caption)
+    assert any(w.value.startswith("prefill fixed16:") for w in app.warning)
     app.sidebar.selectbox(key="prefill_w").set_value("fast")
     run = run_prompt(app, text, max_len=2)
     assert run.settings.prefill == "fast" and run.summary.prefill == "fast"

@@ -117,7 +117,7 @@ def test_forms_parse_and_report_the_field() -> None:
     assert forms.build_settings(values).prefill == ""
     assert forms.build_settings({**values, "prefill": "fast"}).prefill == "fast"
     assert [forms.prefill_label(m) for m in forms.PREFILL_CHOICES] == [
-        "engine default", "float32 (exact arithmetic)", "fixed16 (~1.5x faster, within 1e-3)",
+        "engine default", "float32 (exact arithmetic)", "fixed16 (~1.4x faster, ~1e-3 off)",
         "fast (~2x faster, not within 1e-3)"]
     with pytest.raises(InvalidSettings) as err:
         forms.build_settings({**values, "prefill": "int8"})
@@ -147,7 +147,7 @@ def test_store_round_trip_and_code(tmp_path) -> None:
     assert views.prefill_tag(labelled.summary) == "prefill fast (not exact)"
     assert views.prefill_tag(summary) == "" and views.prefill_tag(None) == ""
     assert (views.prefill_tag(replace(summary, prefill="fixed16"))
-            == "prefill fixed16 (within 1e-3 of float32)")
+            == "prefill fixed16 (~1e-3 off float32)")
     reused = _run(run_id="r3", summary=replace(summary, prefill_reused=True))
     store.save(reused, db)
     assert store.load("r3", db).summary.prefill_reused and not back.summary.prefill_reused

@@ -202,7 +202,7 @@ def attention_heatmap(generated: Sequence[Token], prompt_labels: Sequence[str], 
 
 
 #: How each prefill mode that is not float32 arithmetic is labelled.
-_PREFILL_QUALIFIERS = {"fixed16": "within 1e-3 of float32"}
+_PREFILL_QUALIFIERS = {"fixed16": "~1e-3 off float32"}
 
 
 def prefill_tag(summary: RunSummary | None) -> str:

@@ -57,10 +57,12 @@ class Plan:
     prefill: str = "float32"
 
 
-#: What a run's notes say when its prompt's forward may part from float32's answers. fixed16
-#: (the default where the CPU runs it) holds them, greedy tokens and probabilities within
-#: 1e-3: its runs name it in their summary's ``prefill`` only.
+#: What a run's notes say when its prompt's forward may part from float32's answers (every
+#: mode but float32, the default).
 INEXACT_PREFILL_NOTES = {
+    "fixed16": "prefill fixed16: the prompt's forward rounded activations to 16-bit fixed "
+               "point (about 1.4x as fast, not exact: probabilities may differ from float32 "
+               "by ~1e-3, and a greedy run may part from it where two tokens nearly tie)",
     "fast": "prefill fast: the prompt's forward rounded activations to 8 bits and ran "
             "attention in bfloat16 (about twice as fast, not exact: probabilities may differ "
             "from float32 by ~0.1, and greedy runs may part from it)",

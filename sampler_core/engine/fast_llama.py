@@ -14,12 +14,11 @@ With packed weights (``packed.py``: a GGUF model's own Q4_1/Q8_0 blocks, bit for
 float32 weights) a decode step is one C call for the whole model (per layer: norm, q/k/v,
 rotary, cache write, attention with its weights, MLP; then the final norm and the output head)
 reading 97 MB instead of 538 (and up to four concurrent runs' steps are one call,
-``decode_many``); short prefills use the packed matmul, long ones by default 16-bit
-fixed-point activations times the Q4_1 blocks on VNNI (``fixed16``: the same greedy tokens as
-float32, probabilities within 1e-3), or by name a float32 product (oneDNN's, see
-``onednn_linear``) on one layer's weights rebuilt at a time (``float32``, exact arithmetic)
-or 8-bit activations and bfloat16 attention products (``fast``: not within 1e-3), and prefill
-attention is a float32 C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The
+``decode_many``); short prefills use the packed matmul, long ones by default a float32
+product (oneDNN's, see ``onednn_linear``) on one layer's weights rebuilt at a time
+(``float32``, exact arithmetic), or by name 16-bit fixed-point activations times the Q4_1
+blocks on VNNI (``fixed16``: probabilities ~1e-3 off float32's) or 8-bit activations and
+bfloat16 attention products (``fast``: ~0.1 off), and prefill attention is a float32 C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The
 model's float32 layer weights are then never read by the engine (nor fused), nor is its
 embedding table (token rows come from the tied output head's blocks), so they stay unloaded
 pages of the mapped safetensors file, and the pages loading read are handed back
@@ -49,7 +48,7 @@ from sampler_core.engine import packed as packed_kernels
 from sampler_core.engine.devices import cuda_graphs_enabled
 from sampler_core.engine.graphed_decode import StaticDecode
 from sampler_core.engine.packed import PackedLinear, PackedLlama
-from sampler_core.engine.threads import one_thread
+from sampler_core.engine.threads import kernel_on_torch_threads, one_thread
 from sampler_core.engine.weight_block import release_pages
 
 #: Up to this many new positions a forward reads the packed weights; a longer prefill is
@@ -233,9 +232,9 @@ class FastLlama:
                               if self.packed is not None
                               and self.embed.data_ptr() == self.lm_head.data_ptr()
                               and self.embed.shape == self.lm_head.shape else None)
-        #: How long prefills run (``packed.PREFILL_MODES``): ``fixed16`` where this runner and
-        #: CPU can (``packed.DEFAULT_PREFILL``), else float32; ``$PROMPT_IDE_PREFILL`` names
-        #: another.
+        #: How long prefills run (``packed.PREFILL_MODES``): float32
+        #: (``packed.DEFAULT_PREFILL``) unless ``$PROMPT_IDE_PREFILL`` names another this runner
+        #: and CPU can run.
         self.prefill_mode = "float32"
         #: Whether prefill attention runs in the kernel (float32, ~1.3x torch's fused one).
         self._prefill_attention = False
@@ -245,7 +244,7 @@ class FastLlama:
         #: memory, which a server that only ever sees short prompts need not pay.
         self.onednn_linears = self.embed.device.type == "cpu"
         if self.packed is not None:
-            # The mode named (fixed16 by default) where this CPU and model run it; else float32.
+            # The mode named (float32 by default) where this CPU and model run it; else float32.
             try:
                 self.set_prefill(kernel_attention=self.kernel_attention_available,
                                  mode=packed_kernels.prefill_mode())
@@ -448,11 +447,14 @@ class FastLlama:
         # Inexact modes apply to long prefills only; short ones read the packed blocks exactly.
         long = steps > PACKED_MAX_STEPS or as_long_prefill
         mode = (prefill or self.prefill_mode) if long else "float32"
-        # A fixed-point prefill multiplies and attends on the kernel's threads alone, so torch's
-        # few ops in it (norms, sums) run on this thread: each parallel one left torch's OpenMP
-        # worker spinning on a core the kernel's threads needed (fixed16: 11% of a 2,000-token
-        # prefill, alternating runs in one process). oneDNN's float32 product needs them.
-        with one_thread() if mode in FIXED_BITS else nullcontext():
+        # After each parallel op torch's OpenMP worker spins for a while on a core the kernel's
+        # threads need. A fixed-point prefill multiplies and attends on the kernel's threads
+        # alone, so torch's few ops in it (norms, sums) run on this thread (fixed16: 11% of a
+        # 2,000-token prefill, alternating runs in one process). A float32 one needs torch's
+        # threads for oneDNN's products, so the kernel's jobs run on them too (11%).
+        with (one_thread() if mode in FIXED_BITS
+              else kernel_on_torch_threads(self._kernel) if self.packed is not None and long
+              else nullcontext()):
             x = self._layers(x, cache, start, cos, sin, long, mode, all_logits, rows)
         cache.length = end
         hidden = self._norm(x if all_logits else x[-1:], self.final_norm)

@@ -10,12 +10,16 @@ slice, which measured here made the loop several times slower than the forward i
 per-thread setting; torch's global setting, MKL's and other threads are untouched), so the
 model's forward keeps all threads and the small passes run serially, with identical results
 (torch's reductions are the same for any thread count).
+
+``kernel_on_torch_threads()`` is the other way round, for a forward that mixes torch's
+parallel ops with the C kernel's jobs: the kernel's jobs run on torch's OpenMP threads.
 """
 
 from __future__ import annotations
 
 import ctypes
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,3 +59,35 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         lib.omp_set_num_threads(before)
+
+
+@cache
+def _one_openmp_runtime() -> bool:
+    """Whether this process has mapped exactly one OpenMP runtime (torch's libgomp, which the
+    kernel built with OpenMP then shares) and no other (Intel's, LLVM's)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    runtimes = {line.split()[-1] for line in maps.splitlines()
+                if any(name in line for name in ("libgomp", "libiomp", "libomp"))}
+    return len(runtimes) == 1 and "libgomp" in next(iter(runtimes))
+
+
+@contextmanager
+def kernel_on_torch_threads(kernel: Any) -> Iterator[None]:
+    """Run the C kernel's jobs on torch's OpenMP threads for the body (``pool_use_openmp``),
+    where the kernel was built with OpenMP and shares torch's runtime; else as they run.
+
+    Why: after each of its parallel ops torch's OpenMP threads spin for a while, waiting for
+    the next, on the cores the kernel's own workers need; in a float32 prefill, which
+    alternates oneDNN's products with the kernel's attention, that made the attention ~25%
+    slower than alone. On torch's threads the spinning threads take the kernel's work."""
+    if not (_USES_OPENMP and getattr(kernel, "pool_use_openmp", None) is not None
+            and _one_openmp_runtime() and kernel.pool_use_openmp(1)):
+        yield
+        return
+    try:
+        yield
+    finally:
+        kernel.pool_use_openmp(0)

@@ -127,10 +127,10 @@ def render() -> Sidebar:
             "Prompt forward (prefill)", forms.PREFILL_CHOICES, key=state.PREFILL_W,
             format_func=forms.prefill_label,
             help="How a prompt over 32 tokens is computed on the CPU's packed weights. The "
-                 "default, fixed16, rounds activations to 16-bit fixed point: the same greedy "
-                 "tokens as float32, probabilities within 1e-3. float32 is exact arithmetic, "
-                 "slower; fast rounds to 8 bits and runs attention in bfloat16. Runs not in "
-                 "float32 are labelled.")
+                 "default, float32, is exact arithmetic. fixed16 rounds activations to "
+                 "16-bit fixed point: faster, probabilities ~1e-3 off float32's; fast rounds "
+                 "them to 8 bits and runs attention in bfloat16: faster still, ~0.1 off. Runs "
+                 "not in float32 are labelled.")
         bar.slots["prefill"] = st.empty()
         try:
             bar.settings = build_settings(values)
