@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--in-thread", action="store_true",
                         help="run each timed run on a worker thread, as the server does")
     parser.add_argument("--prefill", help="the runs' prefill mode (default: each engine's own, "
-                                          "float32 before 2026-11-23, fixed16 since)")
+                                          "fixed16 from 2026-11-23 to 2026-12-06, else float32)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -3,8 +3,8 @@
 Five ways, interleaved rep by rep so the machine's drift hits each alike: torch's fused
 attention with MKL's float32 linears (``F.linear``: the path before ``prefill_attention.c``),
 the C attention kernel with MKL's linears (the default before oneDNN's), the C attention
-kernel with oneDNN's float32 linears (``prefill="float32"``), the C attention kernel with the
-``fixed16`` linears (the default where the CPU has AVX-512 VNNI), ``fast``, and transformers'
+kernel with oneDNN's float32 linears (``prefill="float32"``, the default), the C attention
+kernel with the ``fixed16`` linears (by name: not exact), ``fast``, and transformers'
 ``generate()``. Prints the median of each and ``generate()``'s median over it (above 1:
 faster); the last line is one JSON object.
 
