@@ -57,7 +57,8 @@ def agreement(engine: Any, prompts: list[list[int]], new: int) -> dict[str, Any]
         parted = [i for i, (a, b) in enumerate(zip(got, logits.argmax(-1).tolist())) if a != b]
         if parted:
             top = probs[parted[0]].topk(2).values
-            partings.append({"prompt": n, "token": parted[0], "gap": float(f"{top[0] - top[1]:.2g}")})
+            gap = float(f"{top[0] - top[1]:.2g}")
+            partings.append({"prompt": n, "token": parted[0], "gap": gap})
     return {"prompts": len(prompts), "new_tokens": new, "max_prob_diff": max(worst),
             "prompts_over_1e-3": sum(w > 1e-3 for w in worst),
             "same_greedy_tokens": len(prompts) - len(partings), "partings": partings}

@@ -90,7 +90,7 @@ def test_token_rows_come_from_the_tied_embeddings_blocks_bit_for_bit(fast) -> No
         head.rows(ids, torch.empty(4, 575))
 
 
-@pytest.mark.skipif(not PAGEMAP.exists(), reason="Linux only (pages read through /proc/self/pagemap)")
+@pytest.mark.skipif(not PAGEMAP.exists(), reason="Linux only (reads /proc/self/pagemap)")
 def test_runs_on_the_packed_path_leave_the_float32_weights_unread(fast) -> None:
     """Mapped from their file, every page of them read would count in the process's memory
     (a whole page-cache folio each, up to 2 MB): prompts, decode steps and a batched step

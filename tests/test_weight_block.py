@@ -60,7 +60,7 @@ def test_huge_page_memory_is_zeroed_writable_and_aligned() -> None:
     assert int(block[-1]) == 7
 
 
-@pytest.mark.skipif(not PAGEMAP.exists(), reason="Linux only (pages read through /proc/self/pagemap)")
+@pytest.mark.skipif(not PAGEMAP.exists(), reason="Linux only (reads /proc/self/pagemap)")
 def test_release_pages_gives_back_a_mapped_tensors_pages_and_keeps_its_values(tmp_path) -> None:
     values = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))  # 4 MB
     save_file({"w": values}, str(tmp_path / "m.safetensors"))

@@ -18,11 +18,12 @@ reading 97 MB instead of 538 (and up to four concurrent runs' steps are one call
 product (oneDNN's, see ``onednn_linear``) on one layer's weights rebuilt at a time
 (``float32``, exact arithmetic), or by name 16-bit fixed-point activations times the Q4_1
 blocks on VNNI (``fixed16``: probabilities ~1e-3 off float32's) or 8-bit activations and
-bfloat16 attention products (``fast``: ~0.1 off), and prefill attention is a float32 C kernel (``prefill_attention.c``, ~1.3x torch's fused one). The
-model's float32 layer weights are then never read by the engine (nor fused), nor is its
-embedding table (token rows come from the tied output head's blocks), so they stay unloaded
-pages of the mapped safetensors file, and the pages loading read are handed back
-(``weight_block.release_pages``): the server's resident memory drops rather than grows.
+bfloat16 attention products (``fast``: ~0.1 off), and prefill attention is a float32 C
+kernel (``prefill_attention.c``, ~1.3x torch's fused one). The model's float32 layer weights
+are then never read by the engine (nor fused), nor is its embedding table (token rows come
+from the tied output head's blocks), so they stay unloaded pages of the mapped safetensors
+file, and the pages loading read are handed back (``weight_block.release_pages``): the
+server's resident memory drops rather than grows.
 
 On a GPU the weights are the float32 tensors and each run's decode steps replay one captured
 CUDA graph (``graphed_decode.py``): a single launch instead of ~1,000 kernel launches a token.
@@ -272,9 +273,10 @@ class FastLlama:
     def _unread_weights(self) -> list[torch.Tensor]:
         """The model's float32 weights that the packed path never reads: every layer's linears
         and, where the packed output head gives its rows (``_packed_embed``), the embedding."""
-        linears = [getattr(module, name).weight for layer in self.model.model.layers
-                   for module, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                         (layer.mlp, ("gate_proj", "up_proj", "down_proj")))
+        parts = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                 ("mlp", ("gate_proj", "up_proj", "down_proj")))
+        linears = [getattr(getattr(layer, block), name).weight
+                   for layer in self.model.model.layers for block, names in parts
                    for name in names]
         return linears + ([self.embed] if self._packed_embed is not None else [])
 
