@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from decode import cold_engine, use_prefill
+from decode import cold_engine, first_parting, use_prefill
 from sampler_core.inputs import TokenIdsPart
 from sampler_core.settings import SampleSettings
 from sampler_core.tokens import Token
@@ -54,11 +54,9 @@ def agreement(engine: Any, prompts: list[list[int]], new: int) -> dict[str, Any]
         probs = torch.softmax(logits, dim=-1)
         worst.append(max(abs(t.raw_prob - float(probs[i, t.token_id]))
                          for i, t in enumerate(tokens)))
-        parted = [i for i, (a, b) in enumerate(zip(got, logits.argmax(-1).tolist())) if a != b]
-        if parted:
-            top = probs[parted[0]].topk(2).values
-            gap = float(f"{top[0] - top[1]:.2g}")
-            partings.append({"prompt": n, "token": parted[0], "gap": gap})
+        parting = first_parting(got, logits)
+        if parting is not None:
+            partings.append({"prompt": n, "token": parting[0], "gap": float(f"{parting[1]:.2g}")})
     return {"prompts": len(prompts), "new_tokens": new, "max_prob_diff": max(worst),
             "prompts_over_1e-3": sum(w > 1e-3 for w in worst),
             "same_greedy_tokens": len(prompts) - len(partings), "partings": partings}

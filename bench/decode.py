@@ -16,8 +16,8 @@ time to first token (``ttft_2000_<mode>_ms``). The deviation
 on five 400-token prompts (windows of this repository's README) is the default mode's over
 128 greedy tokens (``deviation_long_prompts``, the same-answers rule's length) and each other
 mode's over 32 (``deviation_long_prompts_<mode>``); where a greedy run parts from the
-reference's, ``parted_at_gaps`` says how near a tie the reference was there. Every time to first token above is
-a prompt's own prefill (the engine's kept prefills are off for them); ``ttft_2000_reused_ms`` is
+reference's, ``parted_at_gaps`` says how near a tie the reference was there. Every time to
+first token above is a prompt's own prefill (the engine's kept prefills are off for them); ``ttft_2000_reused_ms`` is
 the 2,000-token prompt run again with its prefill kept (``prompt_cache.py``), and
 ``ttft_2000_tail_ms`` that prompt with its last 20 tokens changed (its kept head reused, its
 tail prefilled), neither comparable with ``generate()``'s, which always prefills; after them,
@@ -164,6 +164,17 @@ PROMPTS = ("The three primary colours are", "def fibonacci(n):",
            "Once upon a time in a small village,", "The capital of France is", "Water boils at")
 
 
+def first_parting(got: list[int], logits: torch.Tensor) -> tuple[int, float] | None:
+    """Where greedy tokens ``got`` first part from the reference's (the argmax of each row of
+    ``logits``): that token's index and the reference's margin there (its top two
+    probabilities' difference); None where they never part."""
+    parted = [n for n, (a, b) in enumerate(zip(got, logits.argmax(-1).tolist())) if a != b]
+    if not parted:
+        return None
+    top = torch.softmax(logits[parted[0]], dim=-1).topk(2).values
+    return parted[0], float(top[0] - top[1])
+
+
 def deviation(engine: Any, reference: Any, new: int) -> dict[str, Any]:
     """The engine's greedy run against a float32 full forward of ``reference`` (a CPU model)
     over the same tokens."""
@@ -176,11 +187,7 @@ def deviation(engine: Any, reference: Any, new: int) -> dict[str, Any]:
         with torch.inference_mode():
             logits = reference(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
         probs = torch.softmax(logits, dim=-1)
-        parted = [n for n, (a, b) in enumerate(zip(got, logits.argmax(-1).tolist())) if a != b]
-        same += not parted
-        if parted:  # how near a tie the reference was where the run parted from it
-            top = probs[parted[0]].topk(2).values
-            gaps.append(float(top[0] - top[1]))
+        same += first_parting(got, logits) is None
         worst = max(worst, max(abs(t.raw_prob - float(probs[n, t.token_id]))
                                for n, t in enumerate(tokens)))
     return {"prompts": len(PROMPTS), "same_greedy_tokens": same, "max_prob_diff": worst}
@@ -210,11 +217,10 @@ def long_deviation(engine: Any, eager: Any, windows: list[list[int]], new: int
             out = eager(torch.tensor([ids + got]), output_attentions=True)
         logits = out.logits[0, len(ids) - 1:-1]
         probs = torch.softmax(logits, dim=-1)
-        parted = [n for n, (a, b) in enumerate(zip(got, logits.argmax(-1).tolist())) if a != b]
-        same += not parted
-        if parted:  # how near a tie the reference was where the run parted from it
-            top = probs[parted[0]].topk(2).values
-            gaps.append(float(top[0] - top[1]))
+        parting = first_parting(got, logits)
+        same += parting is None
+        if parting is not None:
+            gaps.append(parting[1])
         worst = max(worst, max(abs(t.raw_prob - float(probs[n, t.token_id]))
                                for n, t in enumerate(tokens)))
         # The first token's rows: attention of the prompt's last position, every layer.

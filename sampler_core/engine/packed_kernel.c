@@ -107,30 +107,30 @@ void pool_threads(int threads) {
     pthread_mutex_unlock(&pool.lock);
 }
 
-/* Whether jobs run on the OpenMP runtime's threads instead of the pool's (pool_use_openmp). */
-static _Atomic int on_openmp;
-
 /* Run jobs on OpenMP's threads (torch's own runtime, loaded once per process) or, with 0, on
  * the pool's; returns whether that is how they run now (1 needs a build with OpenMP). Between
  * torch's own parallel ops, whose OpenMP threads spin for a while after each one on the cores
  * the pool's workers need (float32 prefills: oneDNN's products, then this kernel's attention),
  * the spinning threads take the work instead. Results are the same either way: chunks are
  * claimed from one counter, and each chunk computes the same whoever runs it. */
-int pool_use_openmp(int on) {
 #ifdef _OPENMP
+/* Whether jobs run on the OpenMP runtime's threads instead of the pool's. */
+static _Atomic int on_openmp;
+
+int pool_use_openmp(int on) {
     atomic_store(&on_openmp, on);
     return on;
-#else
-    (void)on_openmp;
-    return 0 * on;
-#endif
 }
 
-#ifdef _OPENMP
 static void parallel_openmp(chunk_fn fn, const void* job, int chunks) {
     _Atomic int next = 0;
 #pragma omp parallel num_threads(atomic_load(&pool.active) + 1)
     for (int c; (c = atomic_fetch_add(&next, 1)) < chunks;) fn(job, c);
+}
+#else
+int pool_use_openmp(int on) {
+    (void)on;
+    return 0; /* built without OpenMP: jobs stay on the pool */
 }
 #endif
 

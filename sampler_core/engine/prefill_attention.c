@@ -264,7 +264,8 @@ static inline __attribute__((always_inline)) void query_lanes(
                 for (int x = 0; x < V; x++) _mm512_store_ps(p[t0 + t] + LANES * x, s[x][t]);
         }
         int rescaled = 0;
-        __m512 rescale[V];
+        __m512 rescale[V]; /* a vector past the positions (rows[x] == 0) is never stored */
+        for (int x = 0; x < V; x++) rescale[x] = _mm512_set1_ps(1.0f);
         for (int x = 0; x < V; x++) {
             if (!rows[x]) continue;
             /* The lanes that see key k0 + t: positions at or past it. */
@@ -291,8 +292,6 @@ static inline __attribute__((always_inline)) void query_lanes(
             top[x] = new_top;
             rescaled |= _mm512_mask_cmp_ps_mask(rows[x], rescale[x], _mm512_set1_ps(1.0f), _CMP_NEQ_UQ) != 0;
         }
-        for (int x = 0; x < V; x++)
-            if (!rows[x]) { rescale[x] = _mm512_set1_ps(1.0f); for (int t = 0; t < n; t++) _mm512_store_ps(p[t] + LANES * x, _mm512_setzero_ps()); }
         /* Outputs += weights . values, TILE dimensions at a time, keys in order. */
         for (int d0 = 0; d0 < dim; d0 += TILE) {
             __m512 acc[V][TILE];
